@@ -1,0 +1,5 @@
+import sys
+
+from emuhba.cli import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""The one interface the iSCSI front end uses to reach SCSI logical units.
+
+``emuhba.hba.Hba`` implements it; the front end never sees the port driver or a miniport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from emuhba.srb import Srb
+
+TmfDone = Callable[[bool], None]
+
+
+class ScsiBackend(Protocol):
+    def luns(self, path_id: int, target_id: int) -> list[int]: ...
+
+    def queue_capacity(self, path_id: int, target_id: int) -> int: ...
+
+    def execute(self, srb: Srb) -> None:
+        """Run one command; ``srb.completion(srb)`` is called exactly once, on the loop thread."""
+
+    def abort_task(self, srb: Srb, done: TmfDone) -> None: ...
+
+    def abort_task_set(self, path_id: int, target_id: int, lun: int, nexus: int,
+                       done: TmfDone) -> None: ...
+
+    def clear_task_set(self, path_id: int, target_id: int, lun: int, done: TmfDone) -> None: ...
+
+    def reset_lun(self, path_id: int, target_id: int, lun: int, done: TmfDone) -> None: ...
+
+    def reset_target(self, path_id: int, target_id: int, done: TmfDone) -> None: ...
+
+    def nexus_lost(self, nexus: int) -> None: ...

@@ -1,0 +1,1270 @@
+"""The sans-IO iSCSI target: one Connection per TCP connection, one Session per I_T nexus.
+
+A Connection is fed received bytes (``get_buffer``/``buffer_updated``, the shape of asyncio's
+BufferedProtocol, or ``receive_data`` for tests) and the current time (``handle_timeout``), and
+produces bytes to send (``data_to_send``) plus a ``closing`` verdict. SCSI commands go down through
+the ScsiBackend interface; their completions come back as calls, which queue more output and poke
+``on_output`` so the adapter knows to flush. Nothing here touches a socket or an event loop.
+
+Receive buffering is zero-copy for payloads: data segments are handed on as memoryviews of the
+receive buffer, and a buffer that has lent views out is never written again (the next one is fresh).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, Final
+
+import structlog
+
+from emuhba.srb import DataDirection, QueueAction, ScsiStatus, Srb, SrbStatus
+from target import pdu as P
+from target.keys import (
+    LoginFailure,
+    LoginNegotiator,
+    SessionParams,
+    Stage,
+    TextFormatError,
+    encode_text,
+    parse_text,
+)
+from target.portal import TargetNode, TargetPortal
+
+log = structlog.get_logger("emuhba.iscsi")
+
+_bhs_unpack = P.BHS_GRID.unpack_from
+_bhs_pack = P.BHS_GRID.pack_into
+_crc = P.crc32c
+
+RECV_CHUNK: Final = 1 << 20
+MIN_FREE: Final = 64 * 1024
+ALL_ONES: Final = 0xFFFFFFFF
+# Login PDUs before the first negotiation: RFC 7143 default MaxRecvDataSegmentLength.
+LOGIN_MAX_DSL: Final = 8192
+# Sense for write data that failed its digest (ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR).
+_SENSE_CRC_ERROR: Final = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x47, 0x05, 0, 0, 0, 0])
+_SENSE_BIDI: Final = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00, 0, 0, 0, 0])
+_SENSE_TOO_LONG: Final = _SENSE_BIDI
+
+
+class ConnState(Enum):
+    LOGIN = "login"
+    FULL_FEATURE = "full-feature"
+    LOGGED_OUT = "logged-out"
+    CLOSED = "closed"
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol badly enough that the connection must go."""
+
+
+class Task:
+    """One SCSI command of a session, from acceptance to its response."""
+
+    __slots__ = (
+        "aborted",
+        "cmdsn",
+        "conn",
+        "digest_error",
+        "edtl",
+        "immediate",
+        "itt",
+        "lun",
+        "lun_field",
+        "next_r2t_offset",
+        "parts",
+        "r2t_outstanding",
+        "r2tsn",
+        "read_buf",
+        "received",
+        "srb",
+        "submitted",
+        "unsolicited_end",
+        "write",
+    )
+
+    def __init__(self, conn: Connection, itt: int, lun: int, lun_field: int, cmdsn: int,
+                 edtl: int, immediate: bool) -> None:
+        self.conn = conn
+        self.itt = itt
+        self.lun = lun
+        self.lun_field = lun_field
+        self.cmdsn = cmdsn
+        self.edtl = edtl
+        self.immediate = immediate
+        self.srb: Srb | None = None
+        self.read_buf: bytearray | None = None
+        self.write = False
+        self.parts: list[tuple[int, memoryview]] = []
+        self.received = 0
+        self.unsolicited_end = 0
+        self.next_r2t_offset = 0
+        self.r2t_outstanding: dict[int, tuple[int, int, int]] = {}  # ttt -> (offset, length, got)
+        self.r2tsn = 0
+        self.submitted = False
+        self.aborted = False
+        self.digest_error = False
+
+
+class Session:
+    """Session-wide state: command numbering, the task set, negotiated parameters."""
+
+    def __init__(self, portal: TargetPortal, tsih: int, isid: bytes, initiator_name: str,
+                 node: TargetNode | None, params: SessionParams, exp_cmdsn: int, nexus: int) -> None:
+        self.portal = portal
+        self.tsih = tsih
+        self.isid = isid
+        self.initiator_name = initiator_name
+        self.node = node
+        self.target_name = node.name if node else ""
+        self.discovery = node is None
+        self.params = params
+        self.nexus = nexus
+        self.exp_cmdsn = exp_cmdsn
+        self.window = self._window_size()
+        self.max_cmdsn = (exp_cmdsn + self.window - 1) & ALL_ONES
+        self.active = 0  # accepted non-immediate commands not yet answered
+        self.tasks: dict[int, Task] = {}
+        # Non-immediate PDUs that arrived ahead of ExpCmdSN, waiting for the gap to fill.
+        self.pending: dict[int, tuple[Connection, tuple[int, ...], memoryview | None, memoryview]] = {}
+        self.connections: list[Connection] = []
+        self.closed = False
+
+    def _window_size(self) -> int:
+        settings = self.portal.settings
+        if self.node is None:
+            return 8
+        capacity = self.node.backend.queue_capacity(self.node.path_id, self.node.target_id)
+        return max(16, min(settings.max_window, capacity))
+
+    def update_max_cmdsn(self) -> None:
+        # The initiator never lowers its MaxCmdSN, so ours only moves forward.
+        candidate = (self.exp_cmdsn - 1 + max(0, self.window - self.active)) & ALL_ONES
+        if P.serial_lt(self.max_cmdsn, candidate):
+            self.max_cmdsn = candidate
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.portal.sessions.pop(self.tsih, None)
+        for task in self.tasks.values():
+            task.aborted = True
+        self.tasks.clear()
+        self.pending.clear()
+        if self.node is not None:
+            self.node.backend.nexus_lost(self.nexus)
+
+
+_conn_ids = itertools.count(1)
+
+
+class Connection:
+    """One iSCSI connection, target side. Feed it bytes and time; take bytes to send."""
+
+    def __init__(self, portal: TargetPortal, *, local_address: str = "127.0.0.1:3260",
+                 peer: str = "?", now: float = 0.0) -> None:
+        self.portal = portal
+        self.settings = portal.settings
+        self.local_address = local_address
+        self.peer = peer
+        self.id = next(_conn_ids)
+        self.state = ConnState.LOGIN
+        self.session: Session | None = None
+        self.cid = 0
+        self.stat_sn = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+        self.header_digest = False
+        self.data_digest = False
+        self.max_send_dsl = LOGIN_MAX_DSL  # the initiator's MaxRecvDataSegmentLength
+        self.max_recv_dsl = LOGIN_MAX_DSL  # ours
+        self.closing = False
+        self.close_reason = ""
+        # Output: buffers in order; on_output is poked when output appears outside receive().
+        self._out: list[Any] = []
+        self.on_output: Callable[[], None] | None = None
+        self._in_receive = False
+        # Receive buffer.
+        self._buf = bytearray(RECV_CHUNK)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._lent = False  # payload views of _buf are held by tasks
+        # Login.
+        self._negotiator: LoginNegotiator | None = None
+        self._login_stage = Stage.SECURITY
+        self._login_text = bytearray()
+        self._login_first = True
+        self._login_isid = b""
+        self._login_tsih = 0
+        self._login_itt = 0
+        self._login_cmdsn = 0
+        self._login_deadline = now + self.settings.login_timeout
+        # Text continuation (long SendTargets answers).
+        self._text_pending: bytes = b""
+        self._text_ttt = ALL_ONES
+        self._text_in = bytearray()
+        # Liveness.
+        self._last_rx = now
+        self._ping_ttt = ALL_ONES
+        self._ping_deadline = 0.0
+        self._ttt_counter = itertools.count(1)
+        self._scsi_done = self._on_scsi_complete
+        # Counters (cheap ints; exported by the metrics work).
+        self.pdus_in = 0
+        self.pdus_out = 0
+        self.rejects = 0
+        self.digest_errors = 0
+
+    # ----------------------------------------------------------------- input: bytes and time
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        free = len(self._buf) - self._end
+        if free < MIN_FREE:
+            self._regrow(MIN_FREE)
+        return self._view[self._end:]
+
+    def _regrow(self, need_free: int) -> None:
+        pending = self._end - self._start
+        size = max(RECV_CHUNK, pending + need_free)
+        if not self._lent and size <= len(self._buf):
+            # Nobody holds views into this buffer: slide the partial PDU to the front.
+            self._buf[0:pending] = self._view[self._start:self._end]
+        else:
+            new = bytearray(size)
+            new[0:pending] = self._view[self._start:self._end]
+            self._view.release()
+            self._buf = new
+            self._view = memoryview(new)
+            self._lent = False
+        self._start = 0
+        self._end = pending
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes (copying them in); for tests, fuzzers and non-buffered transports."""
+        mv = memoryview(data)
+        while mv:
+            buf = self.get_buffer(len(mv))
+            n = min(len(buf), len(mv))
+            buf[:n] = mv[:n]
+            mv = mv[n:]
+            self.buffer_updated(n)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        if self.closing:
+            self._start = self._end
+            return
+        self._in_receive = True
+        try:
+            self._parse()
+        except ProtocolViolation as exc:
+            self.close(str(exc))
+        finally:
+            self._in_receive = False
+
+    def _parse(self) -> None:
+        view = self._view
+        hdigest = self.header_digest
+        ddigest = self.data_digest
+        while not self.closing:
+            start = self._start
+            avail = self._end - start
+            if avail < P.BHS_LEN:
+                return
+            words = _bhs_unpack(view, start)
+            ahs_dsl = words[4]
+            ahs_len = (ahs_dsl >> 24) * 4
+            dsl = ahs_dsl & P.DSL_MASK
+            hdr_len = P.BHS_LEN + ahs_len + (4 if hdigest else 0)
+            if dsl > self.max_recv_dsl:
+                self._reject_raw(view[start:start + P.BHS_LEN], P.RejectReason.PROTOCOL_ERROR)
+                raise ProtocolViolation(f"data segment of {dsl} bytes exceeds {self.max_recv_dsl}")
+            data_len = dsl + (-dsl & 3) + (4 if ddigest and dsl else 0)
+            total = hdr_len + data_len
+            if avail < total:
+                if len(self._buf) - start < total:
+                    self._regrow(total - avail)
+                    view = self._view
+                return
+            if hdigest:
+                expect = P.digest_value(view[start + hdr_len - 4:start + hdr_len])
+                if _crc(view[start:start + hdr_len - 4]) != expect:
+                    self.digest_errors += 1
+                    # The length fields cannot be trusted: resynchronising is impossible.
+                    raise ProtocolViolation("header digest error")
+            data: memoryview | None = None
+            if dsl:
+                dstart = start + hdr_len
+                data = view[dstart:dstart + dsl]
+                if ddigest:
+                    padded = dsl + (-dsl & 3)
+                    expect = P.digest_value(view[dstart + padded:dstart + padded + 4])
+                    if _crc(view[dstart:dstart + padded]) != expect:
+                        self.digest_errors += 1
+                        self._start = start + total
+                        self._data_digest_error(words, view[start:start + P.BHS_LEN])
+                        continue
+            self._start = start + total
+            self.pdus_in += 1
+            ahs = view[start + P.BHS_LEN:start + P.BHS_LEN + ahs_len] if ahs_len else None
+            self._dispatch(words, data, view[start:start + P.BHS_LEN], ahs)
+        # Nothing more to parse while closing.
+
+    def handle_timeout(self, now: float) -> None:
+        """Advance time: login timeout, NOP-In pings, dead-peer detection."""
+        if self.closing:
+            return
+        if self.state is ConnState.LOGIN:
+            if now >= self._login_deadline:
+                self.close("login timed out")
+            return
+        if self.state is not ConnState.FULL_FEATURE or self.settings.nop_interval <= 0:
+            return
+        if self._ping_ttt != ALL_ONES:
+            if now >= self._ping_deadline:
+                self.close("initiator did not answer NOP-In")
+            return
+        if now - self._last_rx >= self.settings.nop_interval:
+            self._ping_ttt = next(self._ttt_counter) & 0x7FFFFFFF or 1
+            self._ping_deadline = now + self.settings.nop_timeout
+            self._send_nop_in(ALL_ONES, self._ping_ttt, 0, None)
+            self._flush_hint()
+
+    def next_deadline(self) -> float | None:
+        if self.closing:
+            return None
+        if self.state is ConnState.LOGIN:
+            return self._login_deadline
+        if self.state is not ConnState.FULL_FEATURE or self.settings.nop_interval <= 0:
+            return None
+        if self._ping_ttt != ALL_ONES:
+            return self._ping_deadline
+        return self._last_rx + self.settings.nop_interval
+
+    def note_activity(self, now: float) -> None:
+        self._last_rx = now
+
+    def connection_lost(self) -> None:
+        """The transport is gone: end the session (ErrorRecoveryLevel 0)."""
+        self.closing = True
+        self.state = ConnState.CLOSED
+        session = self.session
+        if session is not None:
+            if self in session.connections:
+                session.connections.remove(self)
+            if not session.connections:
+                session.close()
+
+    # ----------------------------------------------------------------- output
+
+    def data_to_send(self) -> list[Any]:
+        out = self._out
+        self._out = []
+        return out
+
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def close(self, reason: str) -> None:
+        if not self.closing:
+            self.closing = True
+            self.close_reason = reason
+            log.info("connection closing", conn=self.id, peer=self.peer, reason=reason)
+        self._flush_hint()
+
+    def _flush_hint(self) -> None:
+        if not self._in_receive and self.on_output is not None:
+            self.on_output()
+
+    def _emit(self, header: bytearray, data: Any = None, dlen: int = 0) -> None:
+        """Queue one PDU; ``data`` is bytes-like or a list of pieces totalling ``dlen`` bytes."""
+        out = self._out
+        out.append(header)
+        if self.header_digest:
+            out.append(P.digest_bytes(_crc(header)))
+        if dlen:
+            if isinstance(data, list):
+                out.extend(data)
+                pieces = data
+            else:
+                out.append(data)
+                pieces = [data]
+            pad = -dlen & 3
+            if pad:
+                out.append(b"\0" * pad)
+            if self.data_digest:
+                out.append(P.digest_bytes(P.data_digest(pieces, dlen)))
+        self.pdus_out += 1
+
+    def _next_stat_sn(self) -> int:
+        sn = self.stat_sn
+        self.stat_sn = (sn + 1) & ALL_ONES
+        return sn
+
+    def _window(self) -> tuple[int, int]:
+        s = self.session
+        if s is None:
+            return (self._login_cmdsn, self._login_cmdsn)
+        return (s.exp_cmdsn, s.max_cmdsn)
+
+    # ----------------------------------------------------------------- dispatch
+
+    def _dispatch(self, w: tuple[int, ...], data: memoryview | None, bhs: memoryview,
+                  ahs: memoryview | None) -> None:
+        opcode = w[0] & 0x3F
+        if self.state is ConnState.LOGIN:
+            if opcode != P.Opcode.LOGIN_REQUEST:
+                raise ProtocolViolation(f"opcode 0x{opcode:02x} before login completed")
+            self._on_login(w, data)
+            return
+        if self.state is not ConnState.FULL_FEATURE:
+            return
+        if data is not None and opcode != P.Opcode.DATA_OUT and opcode != P.Opcode.SCSI_COMMAND:
+            # Text, NOP and login payloads are parsed at once; only SCSI data outlives this call.
+            data = memoryview(bytes(data))
+        elif data is not None:
+            self._lent = True
+        if opcode == P.Opcode.DATA_OUT:
+            self._on_data_out(w, data, bhs)
+            return
+        session = self.session
+        assert session is not None
+        immediate = bool(w[0] & P.IMMEDIATE_BIT)
+        if opcode == P.Opcode.SNACK_REQUEST:
+            # ErrorRecoveryLevel 0: no SNACK support.
+            self._reject(bhs, P.RejectReason.COMMAND_NOT_SUPPORTED)
+            return
+        if opcode not in P.INITIATOR_OPCODES or opcode == P.Opcode.LOGIN_REQUEST:
+            self._reject(bhs, P.RejectReason.COMMAND_NOT_SUPPORTED if opcode not in P.INITIATOR_OPCODES
+                         else P.RejectReason.PROTOCOL_ERROR)
+            return
+        if opcode == P.Opcode.NOP_OUT and w[6] == ALL_ONES:
+            # An answer to our NOP-In ping: carries no CmdSN of its own.
+            if w[7] == self._ping_ttt:
+                self._ping_ttt = ALL_ONES
+            return
+        cmdsn = w[8]
+        if immediate:
+            self._execute(opcode, w, data, bhs, ahs, immediate=True)
+            return
+        if cmdsn == session.exp_cmdsn:
+            session.exp_cmdsn = (cmdsn + 1) & ALL_ONES
+            self._execute(opcode, w, data, bhs, ahs, immediate=False)
+            self._drain_pending(session)
+        elif P.serial_lt(session.exp_cmdsn, cmdsn) and P.serial_le(cmdsn, session.max_cmdsn):
+            if cmdsn not in session.pending:
+                session.pending[cmdsn] = (self, w, data, memoryview(bytes(bhs)))
+        # Outside the window (old duplicate or beyond MaxCmdSN): silently ignored (RFC 7143 4.2.2.1).
+
+    def _drain_pending(self, session: Session) -> None:
+        while session.pending:
+            entry = session.pending.pop(session.exp_cmdsn, None)
+            if entry is None:
+                return
+            conn, w, data, bhs = entry
+            session.exp_cmdsn = (session.exp_cmdsn + 1) & ALL_ONES
+            if not conn.closing:
+                conn._execute(w[0] & 0x3F, w, data, bhs, None, immediate=False)
+
+    def _execute(self, opcode: int, w: tuple[int, ...], data: memoryview | None, bhs: memoryview,
+                 ahs: memoryview | None, *, immediate: bool) -> None:
+        if opcode == P.Opcode.SCSI_COMMAND:
+            self._on_scsi_command(w, data, bhs, ahs, immediate)
+        elif opcode == P.Opcode.NOP_OUT:
+            self._on_nop_out(w, data)
+        elif opcode == P.Opcode.TASK_MGMT_REQUEST:
+            self._on_tmf(w, bhs, immediate)
+        elif opcode == P.Opcode.TEXT_REQUEST:
+            self._on_text(w, data, bhs)
+        elif opcode == P.Opcode.LOGOUT_REQUEST:
+            self._on_logout(w)
+        else:
+            self._reject(bhs, P.RejectReason.COMMAND_NOT_SUPPORTED)
+
+    # ----------------------------------------------------------------- rejects
+
+    def _reject(self, bhs: memoryview | bytes, reason: P.RejectReason, datasn: int = 0) -> None:
+        self._reject_raw(bhs, reason, datasn)
+
+    def _reject_raw(self, bhs: memoryview | bytes, reason: P.RejectReason, datasn: int = 0) -> None:
+        self.rejects += 1
+        exp, mx = self._window()
+        body = bytes(bhs[:P.BHS_LEN])
+        header = bytearray(P.BHS_LEN)
+        _bhs_pack(header, 0, P.Opcode.REJECT, 0x80, int(reason), 0, len(body), 0,
+                  ALL_ONES, 0, self._next_stat_sn(), exp, mx, datasn, 0, 0)
+        self._emit(header, body, len(body))
+        self._flush_hint()
+
+    def _data_digest_error(self, w: tuple[int, ...], bhs: memoryview) -> None:
+        """A data segment failed its CRC: reject the PDU; a SCSI task that lost data fails."""
+        opcode = w[0] & 0x3F
+        self._reject(bhs, P.RejectReason.DATA_DIGEST_ERROR)
+        session = self.session
+        if session is None or self.state is not ConnState.FULL_FEATURE:
+            raise ProtocolViolation("data digest error during login")
+        if opcode == P.Opcode.DATA_OUT:
+            task = session.tasks.get(w[6])
+            if task is not None and not task.aborted:
+                task.digest_error = True
+                length = w[4] & P.DSL_MASK
+                # Account the bytes as arrived so the sequence still completes; the task then fails.
+                self._account_data(task, w, w[12], length, None)
+        elif opcode == P.Opcode.SCSI_COMMAND and not (w[0] & P.IMMEDIATE_BIT):
+            # The command is lost; skip its CmdSN so later commands still flow.
+            if w[8] == session.exp_cmdsn:
+                session.exp_cmdsn = (session.exp_cmdsn + 1) & ALL_ONES
+                self._drain_pending(session)
+
+    # ----------------------------------------------------------------- login
+
+    def _on_login(self, w: tuple[int, ...], data: memoryview | None) -> None:
+        flags = w[1]
+        transit = bool(flags & P.LOGIN_TRANSIT)
+        cont = bool(flags & P.LOGIN_CONTINUE)
+        csg = (flags >> 2) & 3
+        nsg = flags & 3
+        field8 = w[5]
+        isid = (field8 >> 16).to_bytes(6, "big")
+        tsih = field8 & 0xFFFF
+        itt = w[6]
+        cid = w[7] >> 16
+        cmdsn = w[8]
+        if self._login_first:
+            self._login_isid = isid
+            self._login_tsih = tsih
+            self._login_itt = itt
+            self._login_cmdsn = cmdsn
+            self.cid = cid
+            if w[3] > 0:  # VersionMin above the only version there is
+                self._login_reject(2, 5, "unsupported version")
+                return
+        elif isid != self._login_isid or tsih != self._login_tsih or itt != self._login_itt:
+            self._login_reject(2, 0, "login fields changed between PDUs")
+            return
+        if data is not None:
+            self._login_text += data
+            if len(self._login_text) > 64 * 1024:
+                self._login_reject(2, 0, "login text too long")
+                return
+        if transit and cont:
+            self._login_reject(2, 0, "T and C both set")
+            return
+        if cont:
+            # More text follows: acknowledge with an empty response in the same stage.
+            self._login_response(flags=csg << 2, text=b"", tsih=self._login_tsih)
+            return
+        if csg != self._login_stage and not (self._login_first and csg == Stage.OPERATIONAL):
+            self._login_reject(2, 0, f"CSG {csg} does not match stage {int(self._login_stage)}")
+            return
+        if csg == Stage.FULL_FEATURE or (transit and (nsg == 2 or nsg <= csg)):
+            self._login_reject(2, 0, f"invalid stage transition {csg}->{nsg}")
+            return
+        try:
+            pairs = parse_text(bytes(self._login_text))
+        except TextFormatError as exc:
+            self._login_reject(2, 0, f"malformed login text: {exc}")
+            return
+        self._login_text = bytearray()
+        if self._negotiator is None:
+            self._negotiator = LoginNegotiator(
+                self.settings.limits, portal_group_tag=self.settings.portal_group_tag)
+        neg = self._negotiator
+        first = self._login_first
+        self._login_first = False
+        self._login_stage = Stage(csg)
+        try:
+            step = neg.step(Stage(csg), pairs, first=first, transit=transit, next_stage=Stage(nsg))
+            if first:
+                extra = self._check_login_target(neg)
+                if extra:
+                    step.response.extend(extra)
+        except LoginFailure as exc:
+            self._login_reject(exc.status_class, exc.status_detail, exc.reason)
+            return
+        response = encode_text(step.response)
+        if transit and step.complete:
+            out_flags = P.LOGIN_TRANSIT | (csg << 2) | nsg
+            if nsg == Stage.FULL_FEATURE:
+                try:
+                    params = neg.finish()
+                    tsih_out = self._enter_full_feature(neg, params)
+                except LoginFailure as exc:
+                    self._login_reject(exc.status_class, exc.status_detail, exc.reason)
+                    return
+                self._login_response(flags=out_flags, text=response, tsih=tsih_out)
+                self._apply_params(params)
+                return
+            self._login_stage = Stage(nsg)
+            self._login_response(flags=out_flags, text=response, tsih=self._login_tsih)
+        else:
+            self._login_response(flags=csg << 2, text=response, tsih=self._login_tsih)
+
+    def _check_login_target(self, neg: LoginNegotiator) -> list[tuple[str, str]]:
+        if neg.session_type == "Discovery":
+            return []
+        name = neg.target_name
+        if not name:
+            raise LoginFailure(2, 7, "TargetName missing")
+        node = self.portal.find_node(name)
+        if node is None:
+            raise LoginFailure(2, 3, f"no target named {name}")
+        if self._login_tsih:
+            session = self.portal.sessions.get(self._login_tsih)
+            if session is None or session.isid != self._login_isid:
+                raise LoginFailure(2, 10, "session to add the connection to does not exist")
+        extra: list[tuple[str, str]] = []
+        if node.alias:
+            extra.append(("TargetAlias", node.alias))
+        return extra
+
+    def _enter_full_feature(self, neg: LoginNegotiator, params: SessionParams) -> int:
+        portal = self.portal
+        initiator = neg.initiator_name or ""
+        if neg.session_type == "Discovery":
+            node = None
+        else:
+            node = portal.find_node(neg.target_name or "")
+            if node is None:
+                raise LoginFailure(2, 3, "target went away during login")
+        if self._login_tsih:
+            session = portal.sessions.get(self._login_tsih)
+            if session is None:
+                raise LoginFailure(2, 10, "session does not exist")
+            # Connection reinstatement (same CID) replaces the old connection; at
+            # ErrorRecoveryLevel 0 its tasks are not carried over.
+            for old in list(session.connections):
+                if old.cid == self.cid:
+                    session.connections.remove(old)
+                    old.session = None
+                    old.close("connection reinstated")
+                    for task in list(session.tasks.values()):
+                        if task.conn is old:
+                            self._abort_local(session, task)
+            if len(session.connections) >= session.params.max_connections:
+                raise LoginFailure(2, 6, "too many connections")
+        else:
+            if node is not None:
+                old_session = portal.find_session(initiator, self._login_isid, node.name)
+                if old_session is not None:
+                    # Session reinstatement: the initiator restarted the I_T nexus.
+                    for old in list(old_session.connections):
+                        old.session = None
+                        old.close("session reinstated")
+                    old_session.close()
+            tsih = portal.allocate_tsih()
+            nexus = portal.nexus_id(initiator, self._login_isid, node.name) if node else 0
+            session = Session(portal, tsih, self._login_isid, initiator, node, params,
+                              self._login_cmdsn, nexus)
+            portal.sessions[tsih] = session
+        session.connections.append(self)
+        self.session = session
+        log.info("login complete", conn=self.id, peer=self.peer, initiator=initiator,
+                 target=session.target_name or "(discovery)", tsih=session.tsih, cid=self.cid,
+                 header_digest=params.header_digest, data_digest=params.data_digest)
+        return session.tsih
+
+    def _apply_params(self, params: SessionParams) -> None:
+        """Switch to full feature phase: new digests apply from the next PDU on."""
+        self.state = ConnState.FULL_FEATURE
+        self.header_digest = params.header_digest
+        self.data_digest = params.data_digest
+        self.max_send_dsl = params.max_recv_data_segment_length
+        self.max_recv_dsl = params.target_max_recv_data_segment_length
+        self._negotiator = None
+
+    def _login_response(self, *, flags: int, text: bytes, tsih: int,
+                        status_class: int = 0, status_detail: int = 0) -> None:
+        exp = self._login_cmdsn
+        if self.session is not None:
+            exp, mx = self.session.exp_cmdsn, self.session.max_cmdsn
+        else:
+            mx = exp
+        header = bytearray(P.BHS_LEN)
+        field8 = (int.from_bytes(self._login_isid or b"\0" * 6, "big") << 16) | tsih
+        _bhs_pack(header, 0, P.Opcode.LOGIN_RESPONSE, flags, 0, 0, len(text), field8,
+                  self._login_itt, 0, self._next_stat_sn(), exp, mx,
+                  (status_class << 24) | (status_detail << 16), 0, 0)
+        self._emit(header, text, len(text))
+
+    def _login_reject(self, status_class: int, status_detail: int, reason: str) -> None:
+        log.info("login refused", conn=self.id, peer=self.peer, status_class=status_class,
+                 status_detail=status_detail, reason=reason)
+        self._login_response(flags=int(self._login_stage) << 2, text=b"", tsih=0,
+                             status_class=status_class, status_detail=status_detail)
+        self.close(f"login failed: {reason}")
+
+    # ----------------------------------------------------------------- SCSI commands
+
+    def _on_scsi_command(self, w: tuple[int, ...], data: memoryview | None, bhs: memoryview,
+                         ahs: memoryview | None, immediate: bool) -> None:
+        session = self.session
+        assert session is not None
+        if session.discovery:
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        node = session.node
+        assert node is not None
+        flags = w[1]
+        itt = w[6]
+        edtl = w[7]
+        if itt == ALL_ONES or itt in session.tasks:
+            self._reject(bhs, P.RejectReason.TASK_IN_PROGRESS if itt in session.tasks
+                         else P.RejectReason.INVALID_PDU_FIELD)
+            return
+        cdb: bytes = bytes(bhs[32:48])
+        if ahs is not None:
+            cdb = self._extended_cdb(cdb, ahs)
+            if not cdb:
+                self._reject(bhs, P.RejectReason.INVALID_PDU_FIELD)
+                return
+        lun = P.decode_lun(w[5])
+        task = Task(self, itt, lun, w[5], w[8], edtl, immediate)
+        session.tasks[itt] = task
+        if not immediate:
+            session.active += 1
+        read = bool(flags & P.CMD_READ)
+        write = bool(flags & P.CMD_WRITE)
+        dlen = len(data) if data is not None else 0
+        if dlen and not write:
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            self._finish_task(task)
+            return
+        if read and write:
+            self._respond_check(task, _SENSE_BIDI)
+            return
+        if edtl > self.settings.max_transfer_bytes:
+            self._respond_check(task, _SENSE_TOO_LONG)
+            return
+        attr = flags & P.CMD_ATTR_MASK
+        srb = Srb(
+            path_id=node.path_id, target_id=node.target_id,
+            lun=lun if lun >= 0 else 0xFFFF,
+            cdb=cdb,
+            data_direction=DataDirection.IN if read else (DataDirection.OUT if write else DataDirection.NONE),
+            data_transfer_length=edtl if (read or write) else 0,
+            queue_tag=itt,
+            queue_action=QueueAction(attr) if attr <= 4 else QueueAction.SIMPLE,
+            nexus=session.nexus,
+            completion=self._scsi_done,
+        )
+        srb.miniport_context = None
+        task.srb = srb
+        if write and edtl:
+            task.write = True
+            params = session.params
+            if dlen and not params.immediate_data:
+                self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+                self._finish_task(task)
+                return
+            if dlen > min(params.first_burst_length, edtl):
+                self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+                self._finish_task(task)
+                return
+            if dlen:
+                assert data is not None
+                task.parts.append((0, data))
+                task.received = dlen
+            task.unsolicited_end = dlen if params.initial_r2t else min(params.first_burst_length, edtl)
+            task.next_r2t_offset = task.unsolicited_end
+            if task.received >= edtl:
+                self._submit(task)
+            else:
+                self._send_r2ts(task)
+            return
+        if read and edtl:
+            buf = bytearray(edtl)
+            task.read_buf = buf
+            srb.sg_list = [memoryview(buf)]
+        self._submit(task)
+
+    @staticmethod
+    def _extended_cdb(cdb: bytes, ahs: memoryview) -> bytes:
+        """Append an Extended CDB AHS (type 1) to the 16 bytes in the BHS; b"" when malformed."""
+        pos = 0
+        extended = cdb
+        while pos + 4 <= len(ahs):
+            length = int.from_bytes(ahs[pos:pos + 2], "big")
+            kind = ahs[pos + 2]
+            body = bytes(ahs[pos + 4:pos + 3 + length])
+            if kind == 1:
+                extended = cdb + body
+            elif kind != 2:
+                return b""
+            pos += 4 + ((length - 1 + 3) & ~3)
+        return extended
+
+    def _submit(self, task: Task) -> None:
+        srb = task.srb
+        assert srb is not None
+        session = self.session
+        assert session is not None and session.node is not None
+        if task.digest_error:
+            self._respond_check(task, _SENSE_CRC_ERROR)
+            return
+        if task.write:
+            parts = task.parts
+            if len(parts) > 1 and any(parts[i][0] > parts[i + 1][0] for i in range(len(parts) - 1)):
+                parts.sort(key=lambda p: p[0])
+            srb.sg_list = [mv for _, mv in parts]
+            task.parts = []
+        task.submitted = True
+        session.node.backend.execute(srb)
+
+    def _on_scsi_complete(self, srb: Srb) -> None:
+        session = self.session
+        if session is None:
+            return
+        task = session.tasks.get(srb.queue_tag)
+        if task is None or task.srb is not srb or task.aborted:
+            return
+        if srb.srb_status == SrbStatus.ABORTED:
+            self._finish_task(task)
+            return
+        self._send_scsi_result(task, srb)
+        self._finish_task(task)
+        self._flush_hint()
+
+    def _send_scsi_result(self, task: Task, srb: Srb) -> None:
+        status = int(srb.scsi_status)
+        sense = srb.sense
+        residual = srb.residual
+        moved = srb.data_transfer_length if srb.data_direction & DataDirection.IN else 0
+        buf = task.read_buf
+        session = self.session
+        assert session is not None
+        datasn = 0
+        if buf is not None and moved > 0:
+            mv = memoryview(buf)
+            mrdsl = self.max_send_dsl
+            burst = session.params.max_burst_length
+            collapse = not sense
+            offset = 0
+            pack = _bhs_pack
+            itt = task.itt
+            while offset < moved:
+                n = moved - offset
+                if n > mrdsl:
+                    n = mrdsl
+                burst_left = burst - (offset % burst)
+                if n > burst_left:
+                    n = burst_left
+                end = offset + n
+                last = end >= moved
+                header = bytearray(P.BHS_LEN)
+                if last and collapse:
+                    flags = 0x80 | P.DATAIN_STATUS
+                    if residual > 0:
+                        flags |= P.DATAIN_UNDERFLOW
+                    elif residual < 0:
+                        flags |= P.DATAIN_OVERFLOW
+                    self._retire(task)
+                    exp_cmdsn, max_cmdsn = session.exp_cmdsn, session.max_cmdsn
+                    pack(header, 0, P.Opcode.DATA_IN, flags, 0, status, n, 0, itt, ALL_ONES,
+                         self._next_stat_sn(), exp_cmdsn, max_cmdsn, datasn, offset, abs(residual))
+                else:
+                    flags = 0x80 if (last or end % burst == 0) else 0
+                    pack(header, 0, P.Opcode.DATA_IN, flags, 0, 0, n, 0,
+                         itt, ALL_ONES, self.stat_sn, session.exp_cmdsn, session.max_cmdsn,
+                         datasn, offset, 0)
+                self._emit(header, mv[offset:end], n)
+                datasn += 1
+                offset = end
+            if collapse:
+                return
+        self._retire(task)
+        header = bytearray(P.BHS_LEN)
+        flags = 0x80
+        if residual > 0:
+            flags |= P.RESP_UNDERFLOW
+        elif residual < 0:
+            flags |= P.RESP_OVERFLOW
+        body = len(sense).to_bytes(2, "big") + sense if sense else b""
+        _bhs_pack(header, 0, P.Opcode.SCSI_RESPONSE, flags, P.ScsiResponse.COMMAND_COMPLETED,
+                  status, len(body), 0, task.itt, 0, self._next_stat_sn(), session.exp_cmdsn,
+                  session.max_cmdsn, datasn, 0, abs(residual))
+        self._emit(header, body, len(body))
+
+    def _respond_check(self, task: Task, sense: bytes) -> None:
+        """Answer a task with CHECK CONDITION without sending it down (target-level failure)."""
+        srb = task.srb or Srb(queue_tag=task.itt)
+        srb.scsi_status = ScsiStatus.CHECK_CONDITION
+        srb.sense = sense
+        srb.residual = task.edtl
+        srb.data_transfer_length = 0
+        task.read_buf = None
+        self._send_scsi_result(task, srb)
+        self._finish_task(task)
+        self._flush_hint()
+
+    def _retire(self, task: Task) -> None:
+        """The task's status is about to go out: free its CmdSN window slot first."""
+        session = self.session
+        if session is None or task.immediate or task.cmdsn < 0:
+            return
+        task.cmdsn = -1
+        session.active -= 1
+        session.update_max_cmdsn()
+
+    def _finish_task(self, task: Task) -> None:
+        session = self.session
+        if session is None:
+            return
+        self._retire(task)
+        if session.tasks.get(task.itt) is task:
+            del session.tasks[task.itt]
+        task.parts = []
+        task.read_buf = None
+
+    # ----------------------------------------------------------------- write data
+
+    def _send_r2ts(self, task: Task) -> None:
+        session = self.session
+        assert session is not None
+        params = session.params
+        limit = params.max_outstanding_r2t
+        burst = params.max_burst_length
+        exp, mx = session.exp_cmdsn, session.max_cmdsn
+        while len(task.r2t_outstanding) < limit and task.next_r2t_offset < task.edtl:
+            offset = task.next_r2t_offset
+            length = min(burst, task.edtl - offset)
+            ttt = next(self._ttt_counter) & 0x7FFFFFFF
+            task.r2t_outstanding[ttt] = (offset, length, 0)
+            task.next_r2t_offset = offset + length
+            header = bytearray(P.BHS_LEN)
+            _bhs_pack(header, 0, P.Opcode.R2T, 0x80, 0, 0, 0, task.lun_field, task.itt, ttt,
+                      self.stat_sn, exp, mx, task.r2tsn, offset, length)
+            task.r2tsn += 1
+            self._emit(header)
+
+    def _on_data_out(self, w: tuple[int, ...], data: memoryview | None, bhs: memoryview) -> None:
+        session = self.session
+        assert session is not None
+        itt = w[6]
+        task = session.tasks.get(itt)
+        length = w[4] & P.DSL_MASK
+        if task is None or not task.write or task.submitted:
+            # A task aborted or already answered: its late data is dropped without fuss.
+            if task is None:
+                return
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        if task.aborted:
+            return
+        self._account_data(task, w, w[12], length, data)
+
+    def _account_data(self, task: Task, w: tuple[int, ...], offset: int, length: int,
+                      data: memoryview | None) -> None:
+        ttt = w[7]
+        final = bool(w[1] & 0x80)
+        end = offset + length
+        if end > task.edtl:
+            self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.PROTOCOL_ERROR)
+            return
+        if ttt == ALL_ONES:
+            if end > task.unsolicited_end:
+                self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.PROTOCOL_ERROR)
+                return
+        else:
+            r2t = task.r2t_outstanding.get(ttt)
+            if r2t is None:
+                self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.INVALID_PDU_FIELD)
+                return
+            r_off, r_len, got = r2t
+            if offset < r_off or end > r_off + r_len:
+                self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.PROTOCOL_ERROR)
+                return
+            got += length
+            if got >= r_len or final:
+                del task.r2t_outstanding[ttt]
+            else:
+                task.r2t_outstanding[ttt] = (r_off, r_len, got)
+        if data is not None and length:
+            task.parts.append((offset, data))
+        task.received += length
+        if task.received >= task.edtl:
+            if self._write_data_complete(task):
+                task.r2t_outstanding.clear()
+                self._submit(task)
+            else:
+                self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.PROTOCOL_ERROR)
+                self._abort_local(self.session, task)  # type: ignore[arg-type]
+            return
+        if ttt != ALL_ONES and ttt not in task.r2t_outstanding:
+            self._send_r2ts(task)
+            self._flush_hint()
+
+    @staticmethod
+    def _write_data_complete(task: Task) -> bool:
+        """All of [0, EDTL) arrived exactly once (data may come out of order)."""
+        if task.digest_error:
+            return True
+        parts = sorted(task.parts, key=lambda p: p[0])
+        pos = 0
+        for off, mv in parts:
+            if off != pos:
+                return False
+            pos += len(mv)
+        task.parts = parts
+        return pos == task.edtl
+
+    # ----------------------------------------------------------------- task management
+
+    def _abort_local(self, session: Session, task: Task) -> None:
+        task.aborted = True
+        if session.tasks.get(task.itt) is task:
+            del session.tasks[task.itt]
+        if not task.immediate and task.cmdsn >= 0:
+            task.cmdsn = -1
+            session.active -= 1
+            session.update_max_cmdsn()
+        task.parts = []
+
+    def _on_tmf(self, w: tuple[int, ...], bhs: memoryview, immediate: bool) -> None:
+        session = self.session
+        assert session is not None
+        function = w[1] & 0x7F
+        itt = w[6]
+        if session.discovery:
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        node = session.node
+        assert node is not None
+        backend = node.backend
+        lun = P.decode_lun(w[5])
+        respond = self._tmf_responder(itt)
+        lun_scoped = function in (P.TmfFunction.ABORT_TASK, P.TmfFunction.ABORT_TASK_SET,
+                                  P.TmfFunction.CLEAR_TASK_SET, P.TmfFunction.LOGICAL_UNIT_RESET,
+                                  P.TmfFunction.CLEAR_ACA)
+        if lun_scoped and lun not in node.luns():
+            respond(P.TmfResponse.LUN_DOES_NOT_EXIST)
+            return
+        if function == P.TmfFunction.ABORT_TASK:
+            rtt = w[7]
+            ref_cmdsn = w[10]
+            task = session.tasks.get(rtt)
+            if task is None or task.lun != lun:
+                # Not here: if its CmdSN is still in our window the command may yet come; count it
+                # as received (and drop it) so it never runs.
+                if task is None and ref_cmdsn in session.pending:
+                    del session.pending[ref_cmdsn]
+                    respond(P.TmfResponse.FUNCTION_COMPLETE)
+                elif task is None and P.serial_le(session.exp_cmdsn, ref_cmdsn) and \
+                        P.serial_lt(ref_cmdsn, w[8]):
+                    respond(P.TmfResponse.FUNCTION_COMPLETE)
+                else:
+                    respond(P.TmfResponse.TASK_DOES_NOT_EXIST)
+                return
+            self._abort_task(session, task, lambda ok: respond(P.TmfResponse.FUNCTION_COMPLETE))
+        elif function in (P.TmfFunction.ABORT_TASK_SET, P.TmfFunction.CLEAR_TASK_SET):
+            for task in [t for t in session.tasks.values() if t.lun == lun]:
+                if not task.submitted:
+                    self._abort_local(session, task)
+                else:
+                    task.aborted = True
+            def done(ok):
+                return ((self._reap_aborted(session), respond(P.TmfResponse.FUNCTION_COMPLETE)))
+            if function == P.TmfFunction.ABORT_TASK_SET:
+                backend.abort_task_set(node.path_id, node.target_id, lun, session.nexus, done)
+            else:
+                self._abort_other_sessions(node, lun)
+                backend.clear_task_set(node.path_id, node.target_id, lun, done)
+        elif function == P.TmfFunction.LOGICAL_UNIT_RESET:
+            self._abort_all_on(node, lun)
+            backend.reset_lun(node.path_id, node.target_id, lun,
+                              lambda ok: (self._reap_aborted(session),
+                                          respond(P.TmfResponse.FUNCTION_COMPLETE if ok
+                                                  else P.TmfResponse.FUNCTION_REJECTED)))
+        elif function in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET):
+            self._abort_all_on(node, None)
+            cold = function == P.TmfFunction.TARGET_COLD_RESET
+
+            def after_reset(ok: bool) -> None:
+                self._reap_aborted(session)
+                respond(P.TmfResponse.FUNCTION_COMPLETE if ok else P.TmfResponse.FUNCTION_REJECTED)
+                if cold:
+                    # A cold reset drops every connection to the target once the answer is out.
+                    for other in list(self.portal.sessions.values()):
+                        if other.node is node:
+                            for conn in list(other.connections):
+                                conn.close("target cold reset")
+
+            backend.reset_target(node.path_id, node.target_id, after_reset)
+        elif function == P.TmfFunction.TASK_REASSIGN:
+            respond(P.TmfResponse.REASSIGNMENT_NOT_SUPPORTED)
+        else:
+            respond(P.TmfResponse.FUNCTION_NOT_SUPPORTED)
+
+    def _abort_task(self, session: Session, task: Task, done: Callable[[bool], None]) -> None:
+        if not task.submitted or task.srb is None:
+            self._abort_local(session, task)
+            done(True)
+            return
+        task.aborted = True
+        node = session.node
+        assert node is not None
+
+        def aborted(ok: bool) -> None:
+            self._abort_local(session, task)
+            done(ok)
+
+        node.backend.abort_task(task.srb, aborted)
+
+    def _abort_all_on(self, node: TargetNode, lun: int | None) -> None:
+        """Mark every session's tasks on ``lun`` (or the whole target) aborted before a reset."""
+        for session in list(self.portal.sessions.values()):
+            if session.node is not node:
+                continue
+            for task in list(session.tasks.values()):
+                if lun is None or task.lun == lun:
+                    if task.submitted:
+                        task.aborted = True
+                    else:
+                        task.conn._abort_local(session, task)
+            for conn in session.connections:
+                if conn is not self:
+                    conn._reap_aborted(session)
+
+    def _abort_other_sessions(self, node: TargetNode, lun: int) -> None:
+        for session in list(self.portal.sessions.values()):
+            if session is self.session or session.node is not node:
+                continue
+            for task in list(session.tasks.values()):
+                if task.lun == lun:
+                    task.aborted = True
+                    if not task.submitted:
+                        task.conn._abort_local(session, task)
+
+    def _reap_aborted(self, session: Session) -> None:
+        for task in [t for t in session.tasks.values() if t.aborted]:
+            self._abort_local(session, task)
+        for conn in session.connections:
+            conn._flush_hint()
+
+    def _tmf_responder(self, itt: int) -> Callable[[int], None]:
+        def respond(code: int) -> None:
+            if self.closing and self.state is ConnState.CLOSED:
+                return
+            session = self.session
+            exp, mx = (session.exp_cmdsn, session.max_cmdsn) if session else self._window()
+            header = bytearray(P.BHS_LEN)
+            _bhs_pack(header, 0, P.Opcode.TASK_MGMT_RESPONSE, 0x80, int(code), 0, 0, 0, itt, 0,
+                      self._next_stat_sn(), exp, mx, 0, 0, 0)
+            self._emit(header)
+            self._flush_hint()
+
+        return respond
+
+    # ----------------------------------------------------------------- NOP, text, logout
+
+    def _on_nop_out(self, w: tuple[int, ...], data: memoryview | None) -> None:
+        if w[7] != ALL_ONES and w[7] == self._ping_ttt:
+            self._ping_ttt = ALL_ONES
+        self._send_nop_in(w[6], ALL_ONES, w[5], data)
+
+    def _send_nop_in(self, itt: int, ttt: int, lun_field: int, data: memoryview | None) -> None:
+        exp, mx = self._window()
+        body = bytes(data[: self.max_send_dsl]) if data is not None else b""
+        stat_sn = self._next_stat_sn() if itt != ALL_ONES else self.stat_sn
+        header = bytearray(P.BHS_LEN)
+        _bhs_pack(header, 0, P.Opcode.NOP_IN, 0x80, 0, 0, len(body), lun_field, itt, ttt,
+                  stat_sn, exp, mx, 0, 0, 0)
+        self._emit(header, body, len(body))
+
+    def _on_text(self, w: tuple[int, ...], data: memoryview | None, bhs: memoryview) -> None:
+        session = self.session
+        assert session is not None
+        flags = w[1]
+        itt = w[6]
+        ttt = w[7]
+        if ttt != ALL_ONES:
+            if ttt != self._text_ttt:
+                self._reject(bhs, P.RejectReason.INVALID_PDU_FIELD)
+                return
+            self._send_text_chunk(itt)
+            return
+        self._text_pending = b""
+        self._text_ttt = ALL_ONES
+        if data is not None:
+            self._text_in += data
+        if flags & P.TEXT_CONTINUE:
+            self._text_response(itt, b"", final=False, ttt=ALL_ONES)
+            return
+        raw = bytes(self._text_in)
+        self._text_in = bytearray()
+        try:
+            pairs = parse_text(raw)
+        except TextFormatError:
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        answer: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                only = None if session.discovery else session.node
+                if not session.discovery and value not in ("All", "") and session.node and \
+                        value.lower() != session.node.name.lower():
+                    continue
+                answer.extend(self.portal.send_targets(value or "All", self.local_address, only))
+            else:
+                answer.append((key, "NotUnderstood"))
+        self._text_pending = encode_text(answer)
+        self._send_text_chunk(itt)
+
+    def _send_text_chunk(self, itt: int) -> None:
+        text = self._text_pending
+        limit = self.max_send_dsl
+        if len(text) > limit:
+            # Split on a key boundary where possible so no key=value straddles two PDUs needlessly.
+            cut = text.rfind(b"\0", 0, limit) + 1 or limit
+            chunk, self._text_pending = text[:cut], text[cut:]
+            self._text_ttt = next(self._ttt_counter) & 0x7FFFFFFF or 1
+            self._text_response(itt, chunk, final=False, ttt=self._text_ttt)
+        else:
+            self._text_pending = b""
+            self._text_ttt = ALL_ONES
+            self._text_response(itt, text, final=True, ttt=ALL_ONES)
+
+    def _text_response(self, itt: int, text: bytes, *, final: bool, ttt: int) -> None:
+        exp, mx = self._window()
+        header = bytearray(P.BHS_LEN)
+        flags = 0x80 if final else P.TEXT_CONTINUE
+        _bhs_pack(header, 0, P.Opcode.TEXT_RESPONSE, flags, 0, 0, len(text), 0, itt, ttt,
+                  self._next_stat_sn(), exp, mx, 0, 0, 0)
+        self._emit(header, text, len(text))
+
+    def _on_logout(self, w: tuple[int, ...]) -> None:
+        session = self.session
+        assert session is not None
+        reason = w[1] & 0x7F
+        cid = w[7] >> 16
+        if reason == P.LogoutReason.REMOVE_FOR_RECOVERY:
+            code = P.LogoutResponse.RECOVERY_NOT_SUPPORTED
+        elif reason == P.LogoutReason.CLOSE_CONNECTION and cid != self.cid and \
+                not any(c.cid == cid for c in session.connections):
+            code = P.LogoutResponse.CID_NOT_FOUND
+        elif reason > 2:
+            self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.INVALID_PDU_FIELD)
+            return
+        else:
+            code = P.LogoutResponse.SUCCESS
+        exp, mx = self._window()
+        header = bytearray(P.BHS_LEN)
+        _bhs_pack(header, 0, P.Opcode.LOGOUT_RESPONSE, 0x80, int(code), 0, 0, 0, w[6], 0,
+                  self._next_stat_sn(), exp, mx, 0, 0, 0)
+        self._emit(header)
+        if code == P.LogoutResponse.SUCCESS:
+            if reason == P.LogoutReason.CLOSE_CONNECTION and cid != self.cid:
+                for other in list(session.connections):
+                    if other.cid == cid:
+                        other.close("logged out by another connection")
+                return
+            self.state = ConnState.LOGGED_OUT
+            if reason == P.LogoutReason.CLOSE_SESSION:
+                for other in list(session.connections):
+                    if other is not self:
+                        other.close("session logged out")
+            self.close("logout")
+

@@ -1,0 +1,113 @@
+"""What a listening iSCSI portal serves: target nodes, the session table, discovery answers.
+
+Shared by every connection of one server; pure data and bookkeeping, no I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from target.backend import ScsiBackend
+from target.keys import TargetLimits
+
+if TYPE_CHECKING:
+    from target.connection import Session
+
+
+@dataclass
+class TargetNode:
+    """One iSCSI target name, bound to one (path, target id) behind the HBA."""
+
+    name: str
+    backend: ScsiBackend
+    path_id: int = 0
+    target_id: int = 0
+    alias: str | None = None
+
+    def luns(self) -> list[int]:
+        return self.backend.luns(self.path_id, self.target_id)
+
+
+@dataclass
+class PortalSettings:
+    limits: TargetLimits = field(default_factory=TargetLimits)
+    portal_group_tag: int = 1
+    # host:port strings announced in SendTargets; empty = the address each connection arrived on.
+    advertise: list[str] = field(default_factory=list)
+    login_timeout: float = 15.0
+    # Ping an idle full-feature connection with NOP-In after this long, drop it if no answer
+    # came within nop_timeout. 0 disables pinging.
+    nop_interval: float = 10.0
+    nop_timeout: float = 15.0
+    # Largest Expected Data Transfer Length accepted for one command.
+    max_transfer_bytes: int = 64 * 1024 * 1024
+    # Commands a session may have in flight, at most (the CmdSN window also follows LU queues).
+    max_window: int = 1024
+
+
+def format_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class TargetPortal:
+    """Target nodes and live sessions, shared by all connections of one server."""
+
+    def __init__(self, nodes: list[TargetNode], settings: PortalSettings | None = None) -> None:
+        self.settings = settings or PortalSettings()
+        self.nodes: dict[str, TargetNode] = {}
+        for node in nodes:
+            self.add_node(node)
+        self.sessions: dict[int, Session] = {}
+        self._tsih = itertools.count(1)
+        self._nexus_ids: dict[tuple[str, str, str], int] = {}
+        self._next_nexus = itertools.count(1)
+
+    def add_node(self, node: TargetNode) -> None:
+        self.nodes[node.name.lower()] = node
+
+    def find_node(self, name: str) -> TargetNode | None:
+        # iSCSI names are case-insensitive once normalized (RFC 3722 stringprep maps to lower case).
+        return self.nodes.get(name.lower())
+
+    def allocate_tsih(self) -> int:
+        while True:
+            tsih = next(self._tsih) & 0xFFFF
+            if tsih and tsih not in self.sessions:
+                return tsih
+
+    def nexus_id(self, initiator_name: str, isid: bytes, target_name: str) -> int:
+        """A stable number for one I_T nexus (initiator port + target port)."""
+        key = (initiator_name.lower(), isid.hex(), target_name.lower())
+        nexus = self._nexus_ids.get(key)
+        if nexus is None:
+            nexus = self._nexus_ids[key] = next(self._next_nexus)
+        return nexus
+
+    def find_session(self, initiator_name: str, isid: bytes, target_name: str) -> Session | None:
+        for session in self.sessions.values():
+            if (session.isid == isid and session.initiator_name.lower() == initiator_name.lower()
+                    and session.target_name.lower() == target_name.lower()):
+                return session
+        return None
+
+    def send_targets(self, which: str, arrived_on: str, only: TargetNode | None) -> list[tuple[str, str]]:
+        """SendTargets answer: TargetName and its TargetAddress lines."""
+        addresses = self.settings.advertise or [arrived_on]
+        tpgt = self.settings.portal_group_tag
+        if only is not None:
+            candidates = [only]
+        elif which == "All":
+            candidates = list(self.nodes.values())
+        else:
+            node = self.find_node(which)
+            candidates = [node] if node is not None else []
+        pairs: list[tuple[str, str]] = []
+        for node in candidates:
+            pairs.append(("TargetName", node.name))
+            for address in addresses:
+                pairs.append(("TargetAddress", f"{address},{tpgt}"))
+        return pairs
