@@ -22,6 +22,12 @@ DEFAULT_IQN = "iqn.2026-11.io.emuhba:target0"
 DEFAULT_PORTAL = "0.0.0.0:3260"
 DEFAULT_RAM_LUN = "1G"
 
+DIGEST_POLICIES: dict[str, tuple[str, ...]] = {
+    "optional": ("None", "CRC32C"),
+    "required": ("CRC32C",),
+    "off": ("None",),
+}
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
 
 
@@ -107,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--file-lun", action=_LunOrder, type=parse_file_lun, metavar="PATH[,SIZE]",
                        help="add a file-backed LUN; SIZE creates or extends the file (sparse), "
                             "without it the file's size is used; repeatable")
+    for which in ("header", "data"):
+        serve.add_argument(
+            f"--{which}-digest", choices=tuple(DIGEST_POLICIES), default="optional",
+            help=f"{which} digest policy: 'optional' accepts None or CRC32C in the initiator's "
+                 "order of preference, 'required' accepts only CRC32C (chosen even when the "
+                 "initiator lists None first), 'off' accepts only None")
     serve.add_argument("--block-size", type=int, choices=(512, 4096), default=512,
                        help="logical block size of every LUN")
     serve.add_argument("--queue-depth", type=int, default=64,
@@ -154,7 +166,11 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     hba = Hba(miniport, name="hba0")
     await hba.start()
-    settings = PortalSettings(advertise=_advertise_list(args.advertise))
+    from target.keys import TargetLimits
+
+    limits = TargetLimits(header_digests=DIGEST_POLICIES[args.header_digest],
+                          data_digests=DIGEST_POLICIES[args.data_digest])
+    settings = PortalSettings(limits=limits, advertise=_advertise_list(args.advertise))
     node = TargetNode(name=args.iqn, backend=hba, path_id=0, target_id=0, alias=args.alias)
     portal = TargetPortal([node], settings)
     server = TargetServer(portal)

@@ -46,6 +46,8 @@ ALL_ONES: Final = 0xFFFFFFFF
 LOGIN_MAX_DSL: Final = 8192
 # Sense for write data that failed its digest (ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR).
 _SENSE_CRC_ERROR: Final = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x47, 0x05, 0, 0, 0, 0])
+# Sense for write data whose DataSN sequence was broken (ABORTED COMMAND / DATA PHASE ERROR).
+_SENSE_DATA_PHASE: Final = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0x00, 0, 0, 0, 0])
 _SENSE_BIDI: Final = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00, 0, 0, 0, 0])
 _SENSE_TOO_LONG: Final = _SENSE_BIDI
 
@@ -68,7 +70,7 @@ class Task:
         "aborted",
         "cmdsn",
         "conn",
-        "digest_error",
+        "data_fault",
         "edtl",
         "immediate",
         "itt",
@@ -82,6 +84,7 @@ class Task:
         "received",
         "srb",
         "submitted",
+        "unsol_datasn",
         "unsolicited_end",
         "write",
     )
@@ -102,11 +105,14 @@ class Task:
         self.received = 0
         self.unsolicited_end = 0
         self.next_r2t_offset = 0
-        self.r2t_outstanding: dict[int, tuple[int, int, int]] = {}  # ttt -> (offset, length, got)
+        # ttt -> (offset, length, bytes got, next DataSN)
+        self.r2t_outstanding: dict[int, tuple[int, int, int, int]] = {}
+        self.unsol_datasn = 0
         self.r2tsn = 0
         self.submitted = False
         self.aborted = False
-        self.digest_error = False
+        # Sense to answer with once all data is in, when the data phase went wrong.
+        self.data_fault: bytes | None = None
 
 
 class Session:
@@ -480,7 +486,7 @@ class Connection:
         elif opcode == P.Opcode.TEXT_REQUEST:
             self._on_text(w, data, bhs)
         elif opcode == P.Opcode.LOGOUT_REQUEST:
-            self._on_logout(w)
+            self._on_logout(w, bhs)
         else:
             self._reject(bhs, P.RejectReason.COMMAND_NOT_SUPPORTED)
 
@@ -509,10 +515,10 @@ class Connection:
         if opcode == P.Opcode.DATA_OUT:
             task = session.tasks.get(w[6])
             if task is not None and not task.aborted:
-                task.digest_error = True
+                task.data_fault = _SENSE_CRC_ERROR
                 length = w[4] & P.DSL_MASK
                 # Account the bytes as arrived so the sequence still completes; the task then fails.
-                self._account_data(task, w, w[12], length, None)
+                self._account_data(task, w, w[12], length, None, bhs)
         elif opcode == P.Opcode.SCSI_COMMAND and not (w[0] & P.IMMEDIATE_BIT):
             # The command is lost; skip its CmdSN so later commands still flow.
             if w[8] == session.exp_cmdsn:
@@ -569,6 +575,7 @@ class Connection:
             self._login_reject(2, 0, f"malformed login text: {exc}")
             return
         self._login_text = bytearray()
+        log.debug("login request", conn=self.id, csg=csg, nsg=nsg, transit=transit, keys=pairs)
         if self._negotiator is None:
             self._negotiator = LoginNegotiator(
                 self.settings.limits, portal_group_tag=self.settings.portal_group_tag)
@@ -802,8 +809,8 @@ class Connection:
         assert srb is not None
         session = self.session
         assert session is not None and session.node is not None
-        if task.digest_error:
-            self._respond_check(task, _SENSE_CRC_ERROR)
+        if task.data_fault is not None:
+            self._respond_check(task, task.data_fault)
             return
         if task.write:
             parts = task.parts
@@ -932,7 +939,7 @@ class Connection:
             offset = task.next_r2t_offset
             length = min(burst, task.edtl - offset)
             ttt = next(self._ttt_counter) & 0x7FFFFFFF
-            task.r2t_outstanding[ttt] = (offset, length, 0)
+            task.r2t_outstanding[ttt] = (offset, length, 0, 0)
             task.next_r2t_offset = offset + length
             header = bytearray(P.BHS_LEN)
             _bhs_pack(header, 0, P.Opcode.R2T, 0x80, 0, 0, 0, task.lun_field, task.itt, ttt,
@@ -954,34 +961,41 @@ class Connection:
             return
         if task.aborted:
             return
-        self._account_data(task, w, w[12], length, data)
+        self._account_data(task, w, w[12], length, data, bhs)
 
     def _account_data(self, task: Task, w: tuple[int, ...], offset: int, length: int,
-                      data: memoryview | None) -> None:
+                      data: memoryview | None, bhs: memoryview) -> None:
         ttt = w[7]
         final = bool(w[1] & 0x80)
         end = offset + length
         if end > task.edtl:
-            self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.PROTOCOL_ERROR)
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
             return
+        datasn = w[11]
         if ttt == ALL_ONES:
             if end > task.unsolicited_end:
-                self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.PROTOCOL_ERROR)
+                self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
                 return
+            expected_sn = task.unsol_datasn
+            task.unsol_datasn = datasn + 1
         else:
             r2t = task.r2t_outstanding.get(ttt)
             if r2t is None:
-                self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.INVALID_PDU_FIELD)
+                self._reject(bhs, P.RejectReason.INVALID_PDU_FIELD)
                 return
-            r_off, r_len, got = r2t
+            r_off, r_len, got, expected_sn = r2t
             if offset < r_off or end > r_off + r_len:
-                self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.PROTOCOL_ERROR)
+                self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
                 return
             got += length
             if got >= r_len or final:
                 del task.r2t_outstanding[ttt]
             else:
-                task.r2t_outstanding[ttt] = (r_off, r_len, got)
+                task.r2t_outstanding[ttt] = (r_off, r_len, got, (datasn + 1) & ALL_ONES)
+        if datasn != expected_sn and task.data_fault is None:
+            # ErrorRecoveryLevel 0 cannot ask for a missing PDU again: the command fails with
+            # sense once its data is in, and the connection carries on.
+            task.data_fault = _SENSE_DATA_PHASE
         if data is not None and length:
             task.parts.append((offset, data))
         task.received += length
@@ -990,7 +1004,7 @@ class Connection:
                 task.r2t_outstanding.clear()
                 self._submit(task)
             else:
-                self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.PROTOCOL_ERROR)
+                self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
                 self._abort_local(self.session, task)  # type: ignore[arg-type]
             return
         if ttt != ALL_ONES and ttt not in task.r2t_outstanding:
@@ -1000,7 +1014,7 @@ class Connection:
     @staticmethod
     def _write_data_complete(task: Task) -> bool:
         """All of [0, EDTL) arrived exactly once (data may come out of order)."""
-        if task.digest_error:
+        if task.data_fault is not None:
             return True
         parts = sorted(task.parts, key=lambda p: p[0])
         pos = 0
@@ -1235,7 +1249,7 @@ class Connection:
                   self._next_stat_sn(), exp, mx, 0, 0, 0)
         self._emit(header, text, len(text))
 
-    def _on_logout(self, w: tuple[int, ...]) -> None:
+    def _on_logout(self, w: tuple[int, ...], bhs: memoryview) -> None:
         session = self.session
         assert session is not None
         reason = w[1] & 0x7F
@@ -1246,7 +1260,7 @@ class Connection:
                 not any(c.cid == cid for c in session.connections):
             code = P.LogoutResponse.CID_NOT_FOUND
         elif reason > 2:
-            self._reject(memoryview(P.build_bhs(w[0], w[1])), P.RejectReason.INVALID_PDU_FIELD)
+            self._reject(bhs, P.RejectReason.INVALID_PDU_FIELD)
             return
         else:
             code = P.LogoutResponse.SUCCESS
