@@ -140,9 +140,8 @@ def _advertise_list(values: Sequence[str]) -> list[str]:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from miniports.disk import DiskMiniport
-
     from emuhba.hba import Hba
+    from miniports.disk import DiskMiniport
     from target.portal import PortalSettings, TargetNode, TargetPortal
     from target.server import TargetServer
 

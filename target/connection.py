@@ -460,8 +460,8 @@ class Connection:
             session.exp_cmdsn = (cmdsn + 1) & ALL_ONES
             self._execute(opcode, w, data, bhs, ahs, immediate=False)
             self._drain_pending(session)
-        elif P.serial_lt(session.exp_cmdsn, cmdsn) and P.serial_le(cmdsn, session.max_cmdsn):
-            if cmdsn not in session.pending:
+        elif (P.serial_lt(session.exp_cmdsn, cmdsn) and P.serial_le(cmdsn, session.max_cmdsn)
+              and cmdsn not in session.pending):
                 session.pending[cmdsn] = (self, w, data, memoryview(bytes(bhs)))
         # Outside the window (old duplicate or beyond MaxCmdSN): silently ignored (RFC 7143 4.2.2.1).
 
@@ -519,11 +519,11 @@ class Connection:
                 length = w[4] & P.DSL_MASK
                 # Account the bytes as arrived so the sequence still completes; the task then fails.
                 self._account_data(task, w, w[12], length, None, bhs)
-        elif opcode == P.Opcode.SCSI_COMMAND and not (w[0] & P.IMMEDIATE_BIT):
+        elif (opcode == P.Opcode.SCSI_COMMAND and not (w[0] & P.IMMEDIATE_BIT)
+              and w[8] == session.exp_cmdsn):
             # The command is lost; skip its CmdSN so later commands still flow.
-            if w[8] == session.exp_cmdsn:
-                session.exp_cmdsn = (session.exp_cmdsn + 1) & ALL_ONES
-                self._drain_pending(session)
+            session.exp_cmdsn = (session.exp_cmdsn + 1) & ALL_ONES
+            self._drain_pending(session)
 
     # ----------------------------------------------------------------- login
 
@@ -1079,8 +1079,11 @@ class Connection:
                     self._abort_local(session, task)
                 else:
                     task.aborted = True
-            def done(ok):
-                return ((self._reap_aborted(session), respond(P.TmfResponse.FUNCTION_COMPLETE)))
+
+            def done(ok: bool) -> None:
+                self._reap_aborted(session)
+                respond(P.TmfResponse.FUNCTION_COMPLETE)
+
             if function == P.TmfFunction.ABORT_TASK_SET:
                 backend.abort_task_set(node.path_id, node.target_id, lun, session.nexus, done)
             else:
@@ -1088,10 +1091,12 @@ class Connection:
                 backend.clear_task_set(node.path_id, node.target_id, lun, done)
         elif function == P.TmfFunction.LOGICAL_UNIT_RESET:
             self._abort_all_on(node, lun)
-            backend.reset_lun(node.path_id, node.target_id, lun,
-                              lambda ok: (self._reap_aborted(session),
-                                          respond(P.TmfResponse.FUNCTION_COMPLETE if ok
-                                                  else P.TmfResponse.FUNCTION_REJECTED)))
+
+            def after_lun_reset(ok: bool) -> None:
+                self._reap_aborted(session)
+                respond(P.TmfResponse.FUNCTION_COMPLETE if ok else P.TmfResponse.FUNCTION_REJECTED)
+
+            backend.reset_lun(node.path_id, node.target_id, lun, after_lun_reset)
         elif function in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET):
             self._abort_all_on(node, None)
             cold = function == P.TmfFunction.TARGET_COLD_RESET

@@ -10,10 +10,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from target.keys import encode_text, parse_text
-
 from target import pdu as P
 from target.connection import Connection
+from target.keys import encode_text, parse_text
 
 GRID = P.BHS_GRID
 

@@ -9,11 +9,11 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from target.keys import TargetLimits
 
 from emuhba.srb import DataDirection, ScsiStatus, Srb, SrbStatus
 from target import pdu as P
 from target.connection import Connection
+from target.keys import TargetLimits
 from target.portal import PortalSettings, TargetNode, TargetPortal
 from tests.initiator import (
     TestInitiator,
