@@ -23,9 +23,15 @@ def main() -> None:
         ("construct parse", timeit.timeit(lambda: P.SCSI_COMMAND_BHS.parse(raw), number=n)),
         ("construct compiled parse", timeit.timeit(lambda: compiled.parse(raw), number=n)),
         ("struct grid unpack", timeit.timeit(lambda: P.BHS_GRID.unpack_from(raw, 0), number=n)),
-        ("struct grid pack (Data-In)", timeit.timeit(
-            lambda: P.build_bhs(P.Opcode.DATA_IN, 0x81, 0, 0, 4096, 0, 1, 0xFFFFFFFF, 5, 6, 7, 0, 0, 0),
-            number=n)),
+        (
+            "struct grid pack (Data-In)",
+            timeit.timeit(
+                lambda: P.build_bhs(
+                    P.Opcode.DATA_IN, 0x81, 0, 0, 4096, 0, 1, 0xFFFFFFFF, 5, 6, 7, 0, 0, 0
+                ),
+                number=n,
+            ),
+        ),
     ]
     base = rows[2][1]
     print(f"{'operation':30} {'us/op':>8} {'vs struct':>10}")

@@ -1,0 +1,526 @@
+"""The plain disk miniport and the emulated controller it drives.
+
+:class:`EmulatedDiskController` is the "hardware": a command slot table, a latency model, a DMA
+engine (worker threads for stores whose I/O blocks), a completion ring and an interrupt line.
+:class:`DiskMiniport` is the driver: it hands SRBs to the controller, answers a full slot table
+with the Storport queue controls instead of failing, and reports what the ring holds from its
+interrupt routine.
+
+Threads: everything runs on the event loop except ``LogicalUnit.execute`` for blocking stores,
+which runs on the DMA workers; a worker only appends to the completion ring (a deque, safe to
+append from any thread) and raises the interrupt line (the port coalesces it onto the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final
+
+import structlog
+
+from emuhba.miniport import AdapterControl, Miniport, PortConfiguration, PortServices
+from emuhba.scsi.sense import REPORTED_LUNS_DATA_CHANGED
+from emuhba.srb import ResetKind, Srb, SrbFunction, SrbStatus
+from miniports.lu import LogicalUnit
+from miniports.store import BlockStore, FileStore, RamStore
+
+Address = tuple[int, int, int]
+Irq = Callable[[], None]
+Latency = float | Callable[[Srb], float]
+UnitMap = Mapping[Address, LogicalUnit]
+
+log = structlog.get_logger("emuhba.miniport.disk")
+
+# Requests the controller takes into a slot; task management travels outside the slot table.
+_EXECUTE: Final = SrbFunction.EXECUTE_SCSI
+_SLOTTED: Final = frozenset({SrbFunction.EXECUTE_SCSI, SrbFunction.FLUSH, SrbFunction.SHUTDOWN})
+
+
+class EmulatedDiskController:
+    """An emulated disk controller: ``slots`` command slots in front of a set of logical units.
+
+    ``units`` maps (path_id, target_id, lun) to a :class:`LogicalUnit`, or is a builder called
+    once to make that map. ``latency_s`` (seconds, or a function of the SRB for a seek+transfer
+    model) is how long a command sits in its slot before it executes; while it waits it can be
+    aborted. ``irq`` is the interrupt line.
+    """
+
+    def __init__(
+        self,
+        units: UnitMap | Callable[[], UnitMap],
+        slots: int = 1024,
+        latency_s: Latency = 0.0,
+        workers: int = 4,
+        *,
+        irq: Irq,
+        stores: Mapping[Address, BlockStore] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        made = units() if callable(units) else units
+        # Kept as given when it is a dict: units built by build_units answer REPORT LUNS from it.
+        self.units: dict[Address, LogicalUnit] = made if isinstance(made, dict) else dict(made)
+        self.slots = slots
+        self.latency_s = latency_s
+        self.workers = workers
+        self._irq = irq
+        self._stores: dict[Address, BlockStore] = dict(stores or {})
+        for address, lu in self.units.items():
+            self._stores.setdefault(address, lu.store)
+        self._targets = {(p, t) for p, t, _ in self.units}
+        self._loop = loop
+        self._executor: ThreadPoolExecutor | None = None
+        self._ring: deque[Srb] = deque()
+        self.in_use = 0
+        # Commands in their latency wait (abortable), and commands the DMA engine is running.
+        self._waiting: dict[Srb, asyncio.TimerHandle] = {}
+        self._executing: dict[Srb, LogicalUnit] = {}
+        # Executing commands a reset caught: reported with this status when the DMA finishes.
+        self._doomed: dict[Srb, SrbStatus] = {}
+        self.accepting = True
+        self.closed = False
+        self.commands = 0
+        self.busy_rejections = 0
+        self.aborts = 0
+        self.resets = 0
+
+    # ---------------------------------------------------------------------------- topology
+
+    def addresses(self) -> list[Address]:
+        return sorted(self.units)
+
+    def luns_of(self, path_id: int, target_id: int) -> list[int]:
+        return sorted(lun for p, t, lun in self.units if p == path_id and t == target_id)
+
+    def attach(self, address: Address, lu: LogicalUnit) -> None:
+        """Hot-add a unit (the miniport then reports a bus change)."""
+        self.units[address] = lu
+        self._targets.add((address[0], address[1]))
+        self._stores.setdefault(address, lu.store)
+
+    def detach(self, address: Address) -> LogicalUnit | None:
+        """Hot-remove a unit; commands already running on it finish normally."""
+        lu = self.units.pop(address, None)
+        self._targets = {(p, t) for p, t, _ in self.units}
+        return lu
+
+    def _matching(self, path_id: int, target_id: int | None, lun: int | None) -> list[Address]:
+        return [a for a in self.units
+                if a[0] == path_id and (target_id is None or a[1] == target_id)
+                and (lun is None or a[2] == lun)]
+
+    # --------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if self._executor is None and self.workers > 0:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="emuhba-dma")
+        self.accepting = True
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def flush(self) -> None:
+        for store in self._stores.values():
+            store.flush()
+
+    def close(self) -> None:
+        """Power off: wait for the DMA engine, drop what still waits, flush and close stores."""
+        if self.closed:
+            return
+        self.closed = True
+        self.accepting = False
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for handle in self._waiting.values():
+            handle.cancel()
+        self._waiting.clear()
+        for store in self._stores.values():
+            try:
+                store.flush()
+            finally:
+                store.close()
+
+    # ----------------------------------------------------------------------------- commands
+
+    def submit(self, srb: Srb) -> bool:
+        """Take a command into a free slot; False when every slot is in use (busy)."""
+        if self.in_use >= self.slots or not self.accepting:
+            self.busy_rejections += 1
+            return False
+        self.in_use += 1
+        self.commands += 1
+        address = (srb.path_id, srb.target_id, srb.lun)
+        lu = self.units.get(address)
+        if lu is None:
+            srb.complete(SrbStatus.INVALID_LUN if (srb.path_id, srb.target_id) in self._targets
+                         else SrbStatus.SELECTION_TIMEOUT)
+            self.post(srb)
+            return True
+        if srb.function != SrbFunction.EXECUTE_SCSI:
+            self._flush_unit(srb, address)
+            return True
+        latency = self.latency_s
+        delay = latency(srb) if callable(latency) else latency
+        if delay > 0:
+            self._waiting[srb] = self.loop.call_later(delay, self._begin, srb, lu)
+        else:
+            self._begin(srb, lu)
+        return True
+
+    def _begin(self, srb: Srb, lu: LogicalUnit) -> None:
+        if self._waiting:
+            self._waiting.pop(srb, None)
+        executor = self._executor
+        if executor is not None and lu.needs_blocking_io(srb):
+            self._executing[srb] = lu
+            executor.submit(self._dma, srb, lu)
+        else:
+            self._execute(srb, lu)
+            self.post(srb)
+
+    def _dma(self, srb: Srb, lu: LogicalUnit) -> None:
+        self._execute(srb, lu)
+        self.post(srb)
+
+    @staticmethod
+    def _execute(srb: Srb, lu: LogicalUnit) -> None:
+        try:
+            lu.execute(srb)
+        except Exception:
+            # Firmware fault: the command fails without SCSI status; the facade reports it.
+            log.exception("lu_execute_failed", srb=repr(srb))
+            srb.complete(SrbStatus.ERROR)
+
+    def _flush_unit(self, srb: Srb, address: Address) -> None:
+        store = self._stores.get(address)
+        executor = self._executor
+        if store is None:
+            srb.complete(SrbStatus.SUCCESS)
+            self.post(srb)
+        elif executor is not None and store.blocking:
+            executor.submit(self._flush_worker, srb, store)
+        else:
+            self._flush_worker(srb, store)
+
+    def _flush_worker(self, srb: Srb, store: BlockStore) -> None:
+        try:
+            store.flush()
+            srb.complete(SrbStatus.SUCCESS)
+        except Exception:
+            log.exception("store_flush_failed")
+            srb.complete(SrbStatus.ERROR)
+        self.post(srb)
+
+    def post(self, srb: Srb) -> None:
+        """Put a finished command on the completion ring and raise the interrupt line."""
+        self._ring.append(srb)
+        self._irq()
+
+    def reap(self) -> Srb | None:
+        """Take the next finished command off the completion ring (loop thread); frees its slot."""
+        try:
+            srb = self._ring.popleft()
+        except IndexError:
+            return None
+        function = srb.function
+        if function is _EXECUTE or function in _SLOTTED:
+            self.in_use -= 1
+            if self._executing:
+                self._executing.pop(srb, None)
+                if self._doomed:
+                    status = self._doomed.pop(srb, None)
+                    if status is not None:
+                        srb.complete(status)
+        return srb
+
+    # --------------------------------------------------------------------- task management
+
+    def abort(self, tmf: Srb) -> None:
+        """ABORT TASK: the command with the tmf's I_T_L nexus and tag, if it has not started."""
+        self.aborts += 1
+        for srb, handle in self._waiting.items():
+            if (srb.queue_tag == tmf.queue_tag and srb.nexus == tmf.nexus and srb.lun == tmf.lun
+                    and srb.target_id == tmf.target_id and srb.path_id == tmf.path_id):
+                handle.cancel()
+                del self._waiting[srb]
+                srb.complete(SrbStatus.ABORTED)
+                self.post(srb)
+                tmf.complete(SrbStatus.SUCCESS)
+                break
+        else:
+            tmf.complete(SrbStatus.ABORT_FAILED)
+        self.post(tmf)
+
+    def reset(self, path_id: int, target_id: int | None, lun: int | None, kind: ResetKind,
+              status: SrbStatus) -> bool:
+        """Reset the matching units: waiting commands end with ``status`` now, executing ones
+        when their DMA finishes; then each unit's state resets. False if nothing matched."""
+        self.resets += 1
+        addresses = self._matching(path_id, target_id, lun)
+
+        def hit(srb: Srb) -> bool:
+            return srb.path_id == path_id and (target_id is None or srb.target_id == target_id) \
+                and (lun is None or srb.lun == lun)
+
+        for srb in [s for s in self._waiting if hit(s)]:
+            self._waiting.pop(srb).cancel()
+            srb.complete(status)
+            self.post(srb)
+        for srb in self._executing:
+            if hit(srb):
+                self._doomed[srb] = status
+        for address in addresses:
+            self.units[address].reset(kind)
+        return bool(addresses)
+
+    def nexus_gone(self, nexus: int) -> None:
+        for lu in self.units.values():
+            lu.nexus_gone(nexus)
+
+
+class DiskMiniport(Miniport):
+    """A miniport for :class:`EmulatedDiskController`.
+
+    ``controller_factory`` is called from ``hw_find_adapter`` with the interrupt line to build
+    the controller. ``busy_requests`` is how many completions the adapter waits for when the
+    controller is out of slots.
+    """
+
+    name = "emudisk"
+
+    def __init__(
+        self,
+        controller_factory: Callable[[Irq], EmulatedDiskController],
+        *,
+        queue_depth: int = 64,
+        busy_requests: int = 1,
+        maximum_transfer_length: int = 8 * 1024 * 1024,
+    ) -> None:
+        self._factory = controller_factory
+        self.queue_depth = queue_depth
+        self.busy_requests = busy_requests
+        self.maximum_transfer_length = maximum_transfer_length
+        self._port: PortServices | None = None
+        self._controller: EmulatedDiskController | None = None
+
+    @property
+    def controller(self) -> EmulatedDiskController:
+        if self._controller is None:
+            raise RuntimeError("hw_find_adapter has not run")
+        return self._controller
+
+    @property
+    def port(self) -> PortServices:
+        if self._port is None:
+            raise RuntimeError("hw_find_adapter has not run")
+        return self._port
+
+    @classmethod
+    def from_luns(
+        cls,
+        specs: Sequence[tuple[Any, ...]],
+        *,
+        target_port_name: str,
+        path_id: int = 0,
+        target_id: int = 0,
+        slots: int = 1024,
+        latency_s: Latency = 0.0,
+        workers: int = 4,
+        queue_depth: int = 64,
+        block_size: int = 512,
+    ) -> DiskMiniport:
+        """LUNs 0..n-1 on one target from ``("ram", size_bytes)`` and
+        ``("file", path, size_bytes | None)`` (a ``"file"`` spec may add ``read_only``)."""
+        specs = [tuple(spec) for spec in specs]
+        for spec in specs:
+            _check_spec(spec)
+        luns = list(range(len(specs)))
+        # Stores open here, not at hw_find_adapter, so a bad path fails the caller at once.
+        stores: dict[Address, BlockStore] = {}
+        units: dict[Address, LogicalUnit] = {}
+        try:
+            for lun, spec in zip(luns, specs, strict=True):
+                store, read_only = _make_store(spec, block_size)
+                address = (path_id, target_id, lun)
+                stores[address] = store
+                units[address] = LogicalUnit(
+                    store, lun=lun, target_luns=lambda: list(luns),
+                    serial=unit_serial(target_port_name, path_id, target_id, lun),
+                    target_port_name=target_port_name, read_only=read_only)
+        except BaseException:
+            for store in stores.values():
+                store.close()
+            raise
+
+        def build(irq: Irq) -> EmulatedDiskController:
+            return EmulatedDiskController(units, slots, latency_s, workers, irq=irq, stores=stores)
+
+        return cls(build, queue_depth=queue_depth)
+
+    # -------------------------------------------------------------------------- Hw routines
+
+    def attach_unit(self, address: Address, lu: LogicalUnit) -> None:
+        """Hot-add a unit: the other units of its target report REPORTED LUNS DATA HAS CHANGED
+        and the port rescans the bus."""
+        controller = self.controller
+        controller.attach(address, lu)
+        self._luns_changed(address)
+
+    def detach_unit(self, address: Address) -> LogicalUnit | None:
+        lu = self.controller.detach(address)
+        if lu is not None:
+            self._luns_changed(address)
+        return lu
+
+    def _luns_changed(self, address: Address) -> None:
+        for (p, t, lun), unit in self.controller.units.items():
+            if (p, t) == address[:2] and lun != address[2]:
+                unit.establish_unit_attention(REPORTED_LUNS_DATA_CHANGED)
+        self.port.bus_change_detected(address[0])
+
+    def hw_find_adapter(self, port: PortServices, config: PortConfiguration) -> bool:
+        self._port = port
+        controller = self._factory(port.interrupt)
+        self._controller = controller
+        addresses = controller.addresses()
+        config.number_of_buses = max((a[0] for a in addresses), default=0) + 1
+        config.maximum_number_of_targets = max((a[1] for a in addresses), default=0) + 1
+        config.maximum_number_of_logical_units = max((a[2] for a in addresses), default=0) + 1
+        config.maximum_transfer_length = self.maximum_transfer_length
+        config.srb_type_extended = True
+        config.default_queue_depth = self.queue_depth
+        config.adapter_queue_limit = None
+        return True
+
+    def hw_initialize(self) -> bool:
+        self.controller.start()
+        return True
+
+    def hw_build_io(self, srb: Srb) -> bool:
+        # The whole scatter/gather list came with the request; there is nothing to translate.
+        return True
+
+    def hw_start_io(self, srb: Srb) -> bool:
+        function = srb.function
+        controller = self.controller
+        if function is _EXECUTE or function in _SLOTTED:
+            if not controller.submit(srb):
+                # Out of slots: have the port retry this one, and hold the adapter until the
+                # controller gives back a slot rather than fail anything.
+                srb.srb_status = SrbStatus.BUSY
+                self.port.request_complete(srb)
+                self.port.busy(self.busy_requests)
+            return True
+        if function == SrbFunction.ABORT_COMMAND:
+            controller.abort(srb)
+            return True
+        if function == SrbFunction.RESET_LOGICAL_UNIT:
+            found = controller.reset(srb.path_id, srb.target_id, srb.lun, ResetKind.LOGICAL_UNIT,
+                                     SrbStatus.ABORTED)
+        elif function == SrbFunction.RESET_DEVICE:
+            found = controller.reset(srb.path_id, srb.target_id, None, ResetKind.TARGET,
+                                     SrbStatus.ABORTED)
+        elif function == SrbFunction.RESET_BUS:
+            found = controller.reset(srb.path_id, None, None, ResetKind.BUS, SrbStatus.BUS_RESET)
+        else:
+            srb.complete(SrbStatus.INVALID_REQUEST)
+            self.port.request_complete(srb)
+            return True
+        srb.complete(SrbStatus.SUCCESS if found else SrbStatus.NO_DEVICE)
+        controller.post(srb)
+        return True
+
+    def hw_interrupt(self) -> bool:
+        controller = self.controller
+        complete = self.port.request_complete
+        reap = controller.reap
+        serviced = False
+        while (srb := reap()) is not None:
+            serviced = True
+            complete(srb)
+        return serviced
+
+    def hw_reset_bus(self, path_id: int) -> bool:
+        self.controller.reset(path_id, None, None, ResetKind.BUS, SrbStatus.BUS_RESET)
+        return True
+
+    def hw_adapter_control(self, control: AdapterControl, parameters: Any = None) -> Any:
+        if control is AdapterControl.QUERY_SUPPORTED_CONTROL_TYPES:
+            return {AdapterControl.QUERY_SUPPORTED_CONTROL_TYPES, AdapterControl.STOP_ADAPTER,
+                    AdapterControl.RESTART_ADAPTER}
+        if control is AdapterControl.STOP_ADAPTER:
+            if self._controller is not None:
+                self._controller.accepting = False
+                self._controller.flush()
+            return True
+        if control is AdapterControl.RESTART_ADAPTER:
+            if self._controller is not None and not self._controller.closed:
+                self._controller.accepting = True
+                return True
+            return False
+        return None
+
+    def hw_free_adapter_resources(self) -> None:
+        if self._controller is not None:
+            self._controller.close()
+
+    def hw_nexus_lost(self, nexus: int) -> None:
+        """An I_T nexus is gone: its unit attentions and reservations go with it."""
+        self.controller.nexus_gone(nexus)
+
+
+def unit_serial(target_port_name: str, path_id: int, target_id: int, lun: int) -> str:
+    """A unit serial number that stays the same across runs for the same place on the same
+    target, so initiators keep their /dev/disk/by-id names (the NAA id is derived from it)."""
+    digest = hashlib.sha256(f"{target_port_name}/{path_id}:{target_id}:{lun}".encode()).digest()
+    return digest[:8].hex().upper()
+
+
+def _check_spec(spec: tuple[Any, ...]) -> None:
+    if not spec or spec[0] not in ("ram", "file"):
+        raise ValueError(f"LUN spec must start with 'ram' or 'file': {spec!r}")
+    if spec[0] == "ram" and len(spec) != 2:
+        raise ValueError(f"expected ('ram', size_bytes): {spec!r}")
+    if spec[0] == "file" and len(spec) not in (3, 4):
+        raise ValueError(f"expected ('file', path, size_bytes | None[, read_only]): {spec!r}")
+
+
+def _make_store(spec: tuple[Any, ...], block_size: int) -> tuple[BlockStore, bool]:
+    if spec[0] == "ram":
+        return RamStore.of_size(int(spec[1]), block_size=block_size), False
+    read_only = bool(spec[3]) if len(spec) == 4 else False
+    return FileStore(spec[1], spec[2], block_size=block_size, read_only=read_only), read_only
+
+
+def build_units(
+    layout: Iterable[tuple[Address, BlockStore]],
+    *,
+    target_port_name: str,
+    read_only: bool = False,
+) -> dict[Address, LogicalUnit]:
+    """LogicalUnits for stores placed at arbitrary addresses (many targets, sparse LUNs).
+
+    Give the returned dict itself to :class:`EmulatedDiskController` and units attached to it
+    later appear in REPORT LUNS.
+    """
+    units: dict[Address, LogicalUnit] = {}
+
+    # Live: a unit attached to this map later shows up in its neighbours' REPORT LUNS.
+    def luns_of(path_id: int, target_id: int) -> Callable[[], list[int]]:
+        return lambda: sorted(a[2] for a in units if a[0] == path_id and a[1] == target_id)
+
+    for address, store in layout:
+        units[address] = LogicalUnit(
+            store, lun=address[2], target_luns=luns_of(address[0], address[1]),
+            serial=unit_serial(target_port_name, *address), target_port_name=target_port_name,
+            read_only=read_only)
+    return units

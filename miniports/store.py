@@ -1,0 +1,262 @@
+"""Block stores: the medium behind an emulated logical unit.
+
+A store moves bytes between a byte offset on the medium and the request's scatter/gather buffers
+(memoryviews), with one copy and no staging buffer. It knows nothing of SCSI; the logical unit
+does the LBA arithmetic and range checks before calling it.
+
+RamStore creation measured on the development VM (1 GiB, Python 3.11):
+``bytearray(1 GiB)`` 4.6 s and 1 GiB resident at once (CPython zero-fills it);
+``mmap`` anonymous private 0.06 ms and nothing resident until written. First write of the whole
+GiB then costs 0.7 s (private) against 5.6 s for a shared (shmem-backed) mapping, and
+transparent huge pages made random 4 KiB first writes 50x slower. Hence: private anonymous
+mmap, no MADV_HUGEPAGE.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+DEFAULT_BLOCK_SIZE = 512
+SUPPORTED_BLOCK_SIZES = frozenset({512, 1024, 2048, 4096})
+
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (ValueError, OSError):  # pragma: no cover - every Linux has it
+    _IOV_MAX = 1024
+
+
+def _check_geometry(block_size: int, num_blocks: int) -> None:
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"unsupported block size {block_size}")
+    if num_blocks < 1:
+        raise ValueError(f"a store needs at least one block, not {num_blocks}")
+
+
+class BlockStore(ABC):
+    """The medium: ``num_blocks`` blocks of ``block_size`` bytes, addressed by byte offset.
+
+    ``blocking`` says whether read/write/flush may block the calling thread (file I/O); the
+    controller then runs them on a worker thread, so implementations must tolerate concurrent
+    calls on distinct or overlapping ranges.
+    """
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_blocks: int = 0
+    blocking: bool = False
+    read_only: bool = False
+
+    @property
+    def capacity(self) -> int:
+        """Size of the medium in bytes."""
+        return self.block_size * self.num_blocks
+
+    @abstractmethod
+    def read_into(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
+        """Fill ``bufs`` in order with ``length`` bytes from byte ``offset``; return bytes copied.
+
+        Copies less than ``length`` only when the buffers hold less.
+        """
+
+    @abstractmethod
+    def write_from(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
+        """Write ``length`` bytes taken from ``bufs`` in order at byte ``offset``; return bytes
+        written (less than ``length`` only when the buffers hold less)."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the medium; further I/O is an error."""
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.capacity:
+            raise ValueError(f"range {offset}+{length} outside a {self.capacity}-byte store")
+
+
+class RamStore(BlockStore):
+    """Volatile store in a private anonymous mapping: zero pages until written."""
+
+    blocking = False
+
+    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        _check_geometry(block_size, num_blocks)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self._map: mmap.mmap | None = mmap.mmap(
+            -1, block_size * num_blocks, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        )
+        self._view = memoryview(self._map)
+
+    @classmethod
+    def of_size(cls, size_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE) -> RamStore:
+        return cls(size_bytes // block_size, block_size)
+
+    def read_into(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
+        self._check_range(offset, length)
+        view = self._view
+        pos = offset
+        end = offset + length
+        for buf in bufs:
+            if pos >= end:
+                break
+            n = min(buf.nbytes, end - pos)
+            buf[:n] = view[pos : pos + n]
+            pos += n
+        return pos - offset
+
+    def write_from(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
+        self._check_range(offset, length)
+        view = self._view
+        pos = offset
+        end = offset + length
+        for buf in bufs:
+            if pos >= end:
+                break
+            n = min(buf.nbytes, end - pos)
+            view[pos : pos + n] = buf[:n]
+            pos += n
+        return pos - offset
+
+    def flush(self) -> None:
+        """Nothing to make durable: RAM is as durable as this store gets."""
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._view.release()
+            self._map.close()
+            self._map = None
+
+
+def _trim(bufs: Sequence[memoryview], length: int) -> list[memoryview]:
+    """The leading buffers holding at most ``length`` bytes, the last one cut to fit."""
+    out: list[memoryview] = []
+    remaining = length
+    for buf in bufs:
+        if remaining <= 0:
+            break
+        n = buf.nbytes
+        if n > remaining:
+            out.append(buf[:remaining])
+            break
+        out.append(buf)
+        remaining -= n
+    return out
+
+
+def _advance(iov: list[memoryview], done: int) -> list[memoryview]:
+    """``iov`` without its first ``done`` bytes (after a short preadv/pwritev)."""
+    while iov and done >= iov[0].nbytes:
+        done -= iov[0].nbytes
+        iov = iov[1:]
+    if done and iov:
+        iov = [iov[0][done:], *iov[1:]]
+    return iov
+
+
+class FileStore(BlockStore):
+    """A regular file (or block device) read and written in place with preadv/pwritev.
+
+    ``size`` creates the file or extends it sparsely when it is shorter (an existing larger file
+    is not shrunk; only ``size`` bytes of it are exposed). Without ``size`` the file must exist
+    and its size (rounded down to whole blocks) is the capacity. Positional I/O keeps concurrent
+    calls from worker threads independent: there is no shared file offset.
+    """
+
+    blocking = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        size: int | None = None,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        read_only: bool = False,
+    ) -> None:
+        if block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"unsupported block size {block_size}")
+        self.path = os.fspath(path)
+        self.block_size = block_size
+        self.read_only = read_only
+        flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+        if size is not None and not read_only:
+            flags |= os.O_CREAT
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            st = os.fstat(fd)
+            block_device = stat.S_ISBLK(st.st_mode)
+            current = os.lseek(fd, 0, os.SEEK_END) if block_device else st.st_size
+            if size is None:
+                size = current
+            elif size > current:
+                if read_only or block_device:
+                    raise ValueError(
+                        f"{self.path} holds {current} bytes, fewer than the {size} requested"
+                    )
+                os.ftruncate(fd, size)  # sparse: no blocks allocated until written
+            _check_geometry(block_size, size // block_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.num_blocks = size // block_size
+        self._fd = fd
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def read_into(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
+        self._check_range(offset, length)
+        if len(bufs) == 1 and bufs[0].nbytes == length:
+            iov: list[memoryview] = [bufs[0]]
+        else:
+            iov = _trim(bufs, length)
+        total = 0
+        fd = self._fd
+        while iov:
+            chunk = iov[:_IOV_MAX]
+            want = sum(b.nbytes for b in chunk) if len(chunk) > 1 else chunk[0].nbytes
+            got = os.preadv(fd, chunk, offset + total)
+            if got <= 0:
+                # The file shrank under us: what is missing reads as a hole would.
+                for b in iov:
+                    b[:] = bytes(b.nbytes)
+                    total += b.nbytes
+                break
+            total += got
+            iov = iov[len(chunk) :] if got == want else _advance(iov, got)
+        return total
+
+    def write_from(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
+        if self.read_only:
+            raise PermissionError(f"{self.path} is open read-only")
+        self._check_range(offset, length)
+        if len(bufs) == 1 and bufs[0].nbytes == length:
+            iov: list[memoryview] = [bufs[0]]
+        else:
+            iov = _trim(bufs, length)
+        total = 0
+        fd = self._fd
+        while iov:
+            chunk = iov[:_IOV_MAX]
+            want = sum(b.nbytes for b in chunk) if len(chunk) > 1 else chunk[0].nbytes
+            put = os.pwritev(fd, chunk, offset + total)
+            if put <= 0:
+                raise OSError(f"pwritev on {self.path} wrote nothing")
+            total += put
+            iov = iov[len(chunk) :] if put == want else _advance(iov, put)
+        return total
+
+    def flush(self) -> None:
+        if not self.read_only:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)

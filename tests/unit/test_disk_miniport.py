@@ -1,0 +1,301 @@
+"""DiskMiniport and EmulatedDiskController under the real port driver: slots, busy handling,
+the DMA workers, latency, addressing, abort/reset at the controller, and teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emuhba.miniport import AdapterControl, PortConfiguration
+from emuhba.port import PortDriver
+from emuhba.scsi.cdb import decode_into
+from emuhba.srb import DataDirection, ScsiStatus, Srb, SrbFunction, SrbStatus
+from miniports.disk import DiskMiniport, EmulatedDiskController, build_units, unit_serial
+from miniports.lu import LogicalUnit
+from miniports.store import RamStore
+
+BS = 512
+
+
+class Completions:
+    def __init__(self) -> None:
+        self.srbs: list[Srb] = []
+        self.calls: Counter[int] = Counter()
+        self.threads: set[int] = set()
+
+    def __call__(self, srb: Srb) -> None:
+        self.srbs.append(srb)
+        self.calls[id(srb)] += 1
+        self.threads.add(threading.get_ident())
+
+    async def wait(self, n: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.srbs) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.srbs)} of {n} completions after {timeout}s")
+            await asyncio.sleep(0.001)
+
+
+def rw_srb(write: bool = False, lun: int = 0, lba: int = 0, blocks: int = 1, tag: int = 0,
+           nexus: int = 1, done: Completions | None = None, target_id: int = 0,
+           data: bytes | None = None) -> Srb:
+    cdb = struct.pack(">BBIBHB", 0x2A if write else 0x28, 0, lba, 0, blocks, 0)
+    buf = bytearray(data) if data is not None else bytearray(blocks * BS)
+    srb = Srb(target_id=target_id, lun=lun, cdb=cdb,
+              data_direction=DataDirection.OUT if write else DataDirection.IN,
+              data_transfer_length=len(buf), sg_list=[memoryview(buf)], queue_tag=tag,
+              nexus=nexus, completion=done)
+    assert decode_into(srb) is None
+    return srb
+
+
+async def started(miniport: DiskMiniport, **kwargs: Any) -> PortDriver:
+    port = PortDriver(miniport, **kwargs)
+    assert await port.start()
+    return port
+
+
+async def prime(port: PortDriver, lun: int = 0, nexus: int = 1) -> None:
+    srb = Srb(lun=lun, cdb=bytes(6), nexus=nexus, queue_tag=0xFFFF)
+    decode_into(srb)
+    done = Completions()
+    srb.completion = done
+    port.submit(srb)
+    await done.wait(1)
+
+
+def test_from_luns_fills_the_port_configuration() -> None:
+    mp = DiskMiniport.from_luns([("ram", 1 << 20), ("ram", 1 << 20), ("ram", 1 << 20)],
+                                target_port_name="iqn.t,t,1", path_id=1, target_id=4,
+                                queue_depth=300)
+    config = PortConfiguration()
+
+    class Port:
+        def interrupt(self) -> None: ...
+
+    assert mp.hw_find_adapter(Port(), config)  # type: ignore[arg-type]
+    assert config.number_of_buses == 2 and config.maximum_number_of_targets == 5
+    assert config.maximum_number_of_logical_units == 3
+    assert config.srb_type_extended is True and config.default_queue_depth == 300
+    assert config.adapter_queue_limit is None
+    assert mp.controller.addresses() == [(1, 4, 0), (1, 4, 1), (1, 4, 2)]
+    supported = mp.hw_adapter_control(AdapterControl.QUERY_SUPPORTED_CONTROL_TYPES)
+    assert AdapterControl.STOP_ADAPTER in supported
+    mp.hw_free_adapter_resources()
+
+
+def test_bad_lun_specs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        DiskMiniport.from_luns([("tape", 10)], target_port_name="x")
+    with pytest.raises(ValueError):
+        DiskMiniport.from_luns([("ram",)], target_port_name="x")
+    with pytest.raises(OSError):  # a file LUN without a size must exist
+        DiskMiniport.from_luns([("file", tmp_path / "missing.img", None)], target_port_name="x")
+
+
+def test_unit_serials_are_stable_and_distinct() -> None:
+    a = unit_serial("iqn.a", 0, 0, 0)
+    assert a == unit_serial("iqn.a", 0, 0, 0)
+    assert len({a, unit_serial("iqn.a", 0, 0, 1), unit_serial("iqn.b", 0, 0, 0)}) == 3
+
+
+async def test_full_slots_make_the_port_hold_and_retry_not_fail() -> None:
+    mp = DiskMiniport.from_luns([("ram", 1 << 20)] * 2, target_port_name="iqn.t,t,1",
+                                queue_depth=16, slots=3, latency_s=0.005)
+    port = await started(mp, busy_retry_delay=0.0)
+    await prime(port, 0)
+    await prime(port, 1)
+    done = Completions()
+    srbs = [rw_srb(lun=i % 2, lba=i, tag=i, done=done) for i in range(40)]
+    for srb in srbs:
+        port.submit(srb)
+    assert mp.controller.in_use <= 3
+    await done.wait(40)
+    assert all(done.calls[id(s)] == 1 for s in srbs)
+    assert all(s.srb_status == SrbStatus.SUCCESS and s.scsi_status == ScsiStatus.GOOD
+               for s in srbs)
+    assert mp.controller.busy_rejections > 0 and port.busy_retries > 0
+    assert mp.controller.in_use == 0
+    await port.stop()
+
+
+async def test_latency_delays_completion_and_may_be_a_model() -> None:
+    mp = DiskMiniport.from_luns([("ram", 1 << 20)], target_port_name="iqn.t,t,1",
+                                latency_s=lambda srb: 0.01 * srb.transfer_blocks)
+    port = await started(mp)
+    await prime(port)
+    done = Completions()
+    t0 = time.monotonic()
+    port.submit(rw_srb(blocks=4, tag=1, done=done))
+    await done.wait(1)
+    assert time.monotonic() - t0 >= 0.035
+    await port.stop()
+
+
+async def test_file_store_io_runs_on_dma_workers_and_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    mp = DiskMiniport.from_luns([("file", path, 1 << 20)], target_port_name="iqn.t,t,1")
+    port = await started(mp)
+    await prime(port)
+    seen: list[str] = []
+    unit = mp.controller.units[(0, 0, 0)]
+    original = unit.execute
+
+    def execute(srb: Srb) -> None:  # note where the firmware ran; the unit itself is real
+        seen.append(threading.current_thread().name)
+        original(srb)
+
+    unit.execute = execute  # type: ignore[method-assign]
+    done = Completions()
+    payload = bytes(range(256)) * 8
+    port.submit(rw_srb(write=True, lba=10, blocks=4, tag=1, done=done, data=payload))
+    await done.wait(1)
+    reader = rw_srb(lba=10, blocks=4, tag=2, done=done)
+    port.submit(reader)
+    await done.wait(2)
+    assert bytes(reader.sg_list[0]) == payload
+    assert seen and all(name.startswith("emuhba-dma") for name in seen)
+    assert done.threads == {threading.get_ident()}
+    await port.stop()
+    with open(path, "rb") as f:
+        f.seek(10 * BS)
+        assert f.read(len(payload)) == payload
+
+
+async def test_addresses_without_a_unit() -> None:
+    def build(irq: Any) -> EmulatedDiskController:
+        units = build_units([((0, 0, 0), RamStore(64, BS)), ((0, 2, 1), RamStore(64, BS))],
+                            target_port_name="iqn.t,t,1")
+        return EmulatedDiskController(units, irq=irq)
+
+    port = await started(DiskMiniport(build))
+    done = Completions()
+    no_lun = rw_srb(lun=5, done=done)
+    no_target = rw_srb(target_id=1, done=done)
+    port.submit(no_lun)
+    port.submit(no_target)
+    await done.wait(2)
+    assert no_lun.srb_status == SrbStatus.INVALID_LUN
+    assert no_target.srb_status == SrbStatus.SELECTION_TIMEOUT
+    await port.stop()
+
+
+async def test_abort_waiting_command_and_fail_to_abort_a_finished_one() -> None:
+    mp = DiskMiniport.from_luns([("ram", 1 << 20)], target_port_name="iqn.t,t,1",
+                                latency_s=30.0)
+    port = await started(mp)
+    done = Completions()
+    waiting = rw_srb(tag=7, done=done)
+    port.submit(waiting)
+    assert await port.abort(waiting) is True
+    assert waiting.srb_status == SrbStatus.ABORTED and done.calls[id(waiting)] == 1
+    assert mp.controller.in_use == 0 and mp.controller.aborts == 1
+    await port.stop()
+
+    quick = DiskMiniport.from_luns([("ram", 1 << 20)], target_port_name="iqn.t,t,1")
+    port = await started(quick)
+    srb = rw_srb(tag=8, done=done)
+    port.submit(srb)  # runs inline at once: already finished, sitting in the completion ring
+    assert await port.abort(srb) is False
+    assert done.calls[id(srb)] == 1 and srb.srb_status != SrbStatus.ABORTED
+    await port.stop()
+
+
+async def test_controller_abort_matches_nexus_and_tag() -> None:
+    controller = EmulatedDiskController(
+        {(0, 0, 0): LogicalUnit(RamStore(64, BS), lun=0, target_luns=lambda: [0], serial="S")},
+        latency_s=30.0, irq=lambda: None)
+    controller.start()
+    a, b = rw_srb(tag=1, nexus=1), rw_srb(tag=1, nexus=2)
+    assert controller.submit(a) and controller.submit(b)
+    tmf = Srb(function=SrbFunction.ABORT_COMMAND, queue_tag=1, nexus=2)
+    controller.abort(tmf)
+    reaped = [controller.reap(), controller.reap(), controller.reap()]
+    assert reaped == [b, tmf, None]
+    assert b.srb_status == SrbStatus.ABORTED and tmf.srb_status == SrbStatus.SUCCESS
+    assert a.srb_status == SrbStatus.PENDING and controller.in_use == 1
+    controller.close()
+
+
+async def test_lun_reset_through_the_controller() -> None:
+    mp = DiskMiniport.from_luns([("ram", 1 << 20)] * 2, target_port_name="iqn.t,t,1",
+                                latency_s=30.0)
+    port = await started(mp)
+    done = Completions()
+    on_unit = [rw_srb(tag=i, done=done) for i in range(4)]
+    other = rw_srb(lun=1, tag=9, done=done)
+    for srb in [*on_unit, other]:
+        port.submit(srb)
+    assert await port.reset_logical_unit(0, 0, 0) is True
+    assert all(s.srb_status == SrbStatus.ABORTED and done.calls[id(s)] == 1 for s in on_unit)
+    assert done.calls[id(other)] == 0 and mp.controller.in_use == 1
+    assert await port.reset_bus(0) is True
+    assert done.calls[id(other)] == 1 and done.srbs[-1].srb_status == SrbStatus.BUS_RESET
+    assert await port.reset_logical_unit(0, 0, 9) is False  # nothing there
+    await port.stop()
+
+
+async def test_reset_while_dma_runs_reports_the_command_once(tmp_path: Path) -> None:
+    mp = DiskMiniport.from_luns([("file", tmp_path / "d.img", 1 << 20)],
+                                target_port_name="iqn.t,t,1")
+    port = await started(mp)
+    await prime(port)
+    unit = mp.controller.units[(0, 0, 0)]
+    gate = threading.Event()
+    original = unit.execute
+
+    def slow(srb: Srb) -> None:
+        gate.wait(5)
+        original(srb)
+
+    unit.execute = slow  # type: ignore[method-assign]
+    done = Completions()
+    srb = rw_srb(write=True, tag=3, done=done)
+    port.submit(srb)
+    reset = asyncio.create_task(port.reset_logical_unit(0, 0, 0))
+    await asyncio.sleep(0.02)
+    assert not reset.done()  # the DMA is still running; the reset waits for it
+    gate.set()
+    assert await reset is True
+    assert srb.srb_status == SrbStatus.ABORTED and done.calls[id(srb)] == 1
+    await port.stop()
+
+
+async def test_flush_function_and_teardown_close_the_stores(tmp_path: Path) -> None:
+    mp = DiskMiniport.from_luns([("file", tmp_path / "d.img", 1 << 20), ("ram", 1 << 16)],
+                                target_port_name="iqn.t,t,1")
+    port = await started(mp)
+    done = Completions()
+    flush = Srb(function=SrbFunction.FLUSH, lun=0, completion=done)
+    port.submit(flush)
+    await done.wait(1)
+    assert flush.srb_status == SrbStatus.SUCCESS
+    store = mp.controller.units[(0, 0, 0)].store
+    fd = store.fd  # type: ignore[attr-defined]
+    await port.stop()
+    assert mp.controller.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+async def test_stopped_adapter_refuses_then_restarts() -> None:
+    mp = DiskMiniport.from_luns([("ram", 1 << 20)], target_port_name="iqn.t,t,1")
+    port = await started(mp, busy_retry_delay=0.001)
+    assert mp.hw_adapter_control(AdapterControl.STOP_ADAPTER) is True
+    done = Completions()
+    srb = rw_srb(tag=1, done=done)
+    port.submit(srb)  # the controller answers busy; the port keeps retrying, never fails it
+    await asyncio.sleep(0.03)
+    assert not done.srbs and srb.retries >= 1
+    assert mp.hw_adapter_control(AdapterControl.RESTART_ADAPTER) is True
+    await done.wait(1)
+    assert done.calls[id(srb)] == 1
+    await port.stop()

@@ -1,0 +1,244 @@
+"""Block stores: RAM (anonymous mapping) and file (preadv/pwritev) against real memory and files."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from miniports.store import BlockStore, FileStore, RamStore
+
+
+def views(*sizes: int, fill: int | None = None) -> list[memoryview]:
+    out = []
+    for i, n in enumerate(sizes):
+        byte = (fill if fill is not None else i + 1) & 0xFF
+        out.append(memoryview(bytearray([byte]) * n))
+    return out
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(params=["ram", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockStore]:
+    s: BlockStore = (
+        RamStore(64) if request.param == "ram" else FileStore(tmp_path / "d.img", 64 * 512)
+    )
+    yield s
+    s.close()
+
+
+def test_geometry_and_blocking(store: BlockStore) -> None:
+    assert store.block_size == 512
+    assert store.num_blocks == 64
+    assert store.capacity == 64 * 512
+    assert store.blocking is isinstance(store, FileStore)
+
+
+def test_new_store_reads_zeroes(store: BlockStore) -> None:
+    buf = views(4096, fill=0xAA)
+    assert store.read_into(1024, 4096, buf) == 4096
+    assert bytes(buf[0]) == bytes(4096)
+
+
+def test_round_trip_across_scatter_gather_lists(store: BlockStore) -> None:
+    data = views(100, 412, 1000, 536)  # 2048 bytes in uneven pieces
+    assert store.write_from(512 * 3, 2048, data) == 2048
+    out = views(7, 2041, fill=0)
+    assert store.read_into(512 * 3, 2048, out) == 2048
+    expected = b"".join(bytes(v) for v in data)
+    assert bytes(out[0]) + bytes(out[1]) == expected
+
+
+def test_length_shorter_than_buffers(store: BlockStore) -> None:
+    store.write_from(0, 1024, views(1024, fill=0x11))
+    # Only 300 bytes from a 1000-byte buffer reach the medium.
+    assert store.write_from(0, 300, views(1000, fill=0x22)) == 300
+    out = views(1024, fill=0)
+    store.read_into(0, 1024, out)
+    assert bytes(out[0]) == b"\x22" * 300 + b"\x11" * 724
+    # Reading 200 bytes into 3 buffers fills the first ones only.
+    parts = views(150, 150, 150, fill=0)
+    assert store.read_into(0, 200, parts) == 200
+    assert bytes(parts[0]) == b"\x22" * 150
+    assert bytes(parts[1]) == b"\x22" * 50 + bytes(100)
+    assert bytes(parts[2]) == bytes(150)
+
+
+def test_buffers_shorter_than_length(store: BlockStore) -> None:
+    assert store.write_from(0, 4096, views(100, 200)) == 300
+    assert store.read_into(0, 4096, views(10)) == 10
+
+
+def test_range_checked(store: BlockStore) -> None:
+    with pytest.raises(ValueError):
+        store.read_into(store.capacity - 10, 20, views(20))
+    with pytest.raises(ValueError):
+        store.write_from(-1, 1, views(1))
+    with pytest.raises(ValueError):
+        store.write_from(store.capacity, 1, views(1))
+    assert store.read_into(store.capacity, 0, views(1)) == 0
+
+
+def test_flush(store: BlockStore) -> None:
+    store.write_from(0, 512, views(512))
+    store.flush()
+
+
+def test_bad_geometry() -> None:
+    with pytest.raises(ValueError):
+        RamStore(0)
+    with pytest.raises(ValueError):
+        RamStore(8, block_size=520)
+
+
+def test_ram_store_of_size() -> None:
+    s = RamStore.of_size(1 << 20, block_size=4096)
+    assert (s.num_blocks, s.block_size) == (256, 4096)
+    s.close()
+    s.close()  # idempotent
+
+
+def test_one_gib_ram_store_starts_instantly_and_untouched() -> None:
+    before = rss_kib()
+    t0 = time.perf_counter()
+    s = RamStore.of_size(1 << 30)
+    elapsed = time.perf_counter() - t0
+    try:
+        assert elapsed < 0.05
+        # Reading never-written blocks maps the zero page, it does not allocate.
+        out = views(1 << 20, fill=0xFF)
+        for i in range(0, 1 << 30, 64 << 20):
+            s.read_into(i, 1 << 20, out)
+        assert bytes(out[0]) == bytes(1 << 20)
+        assert rss_kib() - before < 64 * 1024
+        s.write_from((1 << 30) - 512, 512, views(512, fill=7))
+        tail = views(512, fill=0)
+        s.read_into((1 << 30) - 512, 512, tail)
+        assert bytes(tail[0]) == b"\x07" * 512
+    finally:
+        s.close()
+
+
+def test_file_store_is_created_sparse(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.img"
+    s = FileStore(path, 1 << 30)
+    try:
+        assert s.num_blocks == (1 << 30) // 512
+        st = os.stat(path)
+        assert st.st_size == 1 << 30
+        assert st.st_blocks * 512 < 1 << 20  # nothing allocated yet
+    finally:
+        s.close()
+
+
+def test_file_store_reopens_with_its_size_and_data(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    s = FileStore(path, 8192, block_size=4096)
+    s.write_from(4096, 4096, views(4096, fill=0x5A))
+    s.flush()
+    s.close()
+    again = FileStore(path, block_size=4096)
+    try:
+        assert again.num_blocks == 2
+        out = views(4096, fill=0)
+        again.read_into(4096, 4096, out)
+        assert bytes(out[0]) == b"\x5a" * 4096
+    finally:
+        again.close()
+
+
+def test_file_store_extends_a_short_file_but_never_shrinks(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\x01" * 1000)
+    s = FileStore(path, 4096)
+    assert os.path.getsize(path) == 4096
+    out = views(1024, fill=0)
+    s.read_into(0, 1024, out)
+    assert bytes(out[0]) == b"\x01" * 1000 + bytes(24)
+    s.close()
+    s = FileStore(path, 1024)
+    assert s.num_blocks == 2
+    assert os.path.getsize(path) == 4096
+    s.close()
+
+
+def test_file_store_rounds_down_to_whole_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "odd.img"
+    path.write_bytes(bytes(1500))
+    s = FileStore(path)
+    assert s.num_blocks == 2
+    s.close()
+    path.write_bytes(bytes(100))
+    with pytest.raises(ValueError):
+        FileStore(path)
+
+
+def test_file_store_missing_file_without_size(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        FileStore(tmp_path / "nope.img")
+
+
+def test_read_only_file_store(tmp_path: Path) -> None:
+    path = tmp_path / "ro.img"
+    path.write_bytes(b"\x33" * 2048)
+    s = FileStore(path, read_only=True)
+    try:
+        assert s.read_only
+        out = views(512, fill=0)
+        s.read_into(512, 512, out)
+        assert bytes(out[0]) == b"\x33" * 512
+        with pytest.raises(PermissionError):
+            s.write_from(0, 512, views(512))
+        s.flush()
+    finally:
+        s.close()
+    with pytest.raises(ValueError):
+        FileStore(path, 4096, read_only=True)  # cannot extend a read-only file
+
+
+def test_more_buffers_than_iov_max(tmp_path: Path) -> None:
+    s = FileStore(tmp_path / "iov.img", 3000 * 512)
+    try:
+        pieces = [memoryview(bytes([i % 251]) * 512) for i in range(3000)]
+        assert s.write_from(0, 3000 * 512, pieces) == 3000 * 512
+        out = [memoryview(bytearray(512)) for _ in range(3000)]
+        assert s.read_into(0, 3000 * 512, out) == 3000 * 512
+        assert all(bytes(o) == bytes(p) for o, p in zip(out, pieces, strict=True))
+    finally:
+        s.close()
+
+
+def test_file_store_concurrent_workers(tmp_path: Path) -> None:
+    s = FileStore(tmp_path / "mt.img", 256 * 4096, block_size=4096)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for rnd in range(20):
+                for blk in range(k, 256, 8):
+                    payload = bytes([(blk + rnd) & 0xFF]) * 4096
+                    s.write_from(blk * 4096, 4096, [memoryview(payload)])
+                    back = memoryview(bytearray(4096))
+                    s.read_into(blk * 4096, 4096, [back])
+                    assert bytes(back) == payload
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s.close()
+    assert not errors
