@@ -137,5 +137,5 @@ class Miniport(ABC):
             return {AdapterControl.QUERY_SUPPORTED_CONTROL_TYPES}
         return None
 
-    def hw_free_adapter_resources(self) -> None:
+    def hw_free_adapter_resources(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Final teardown (flush and close backing files)."""

@@ -210,8 +210,9 @@ _PAGE_DEFAULTS: dict[int, bytes] = {
     PAGE_READ_WRITE_ERROR_RECOVERY: bytes((0x01, 0x0A, 0xC0)) + bytes(9),
     # WCE=1: writes complete before they are durable, SYNCHRONIZE CACHE or FUA makes them so.
     PAGE_CACHING: bytes((0x08, 0x12, _WCE)) + bytes(17),
-    # TST=0 (one task set), D_SENSE=0, QUEUE ALGORITHM MODIFIER=1 (unrestricted reordering), QERR=0.
-    PAGE_CONTROL: bytes((0x0A, 0x0A, 0x00, 0x10)) + bytes(8),
+    # TST=0 (one task set), D_SENSE=0, QUEUE ALGORITHM MODIFIER=1 (unrestricted reordering), QERR=0,
+    # BUSY TIMEOUT PERIOD unlimited: the port retries BUSY instead of passing it up.
+    PAGE_CONTROL: bytes((0x0A, 0x0A, 0x00, 0x10)) + bytes(4) + b"\xff\xff" + bytes(2),
     # DEXCPT=1: informational exceptions are not reported.
     PAGE_INFORMATIONAL_EXCEPTIONS: bytes((0x1C, 0x0A, 0x08)) + bytes(9),
 }
@@ -353,6 +354,10 @@ class LogicalUnit:
         self._std_inquiry = self._build_standard_inquiry()
         self._vpd = self._build_vpd_pages()
         self._handlers, self._cdb_length = self._build_dispatch()
+        # False for the opcodes that never report a unit attention (SAM-5): INQUIRY, REPORT LUNS,
+        # REQUEST SENSE. Unsupported opcodes do report one.
+        silent = {s.opcode for s in COMMANDS if not s.reports_ua}
+        self._reports_ua = tuple(op not in silent for op in range(256))
 
     # -----------------------------------------------------------------------------------------
     # Public surface
@@ -485,7 +490,7 @@ class LogicalUnit:
             return
         op = cdb[0]
         handler = self._handlers[op]
-        if srb.nexus not in self._clear and self._unit_attention(srb, op, handler is not None):
+        if srb.nexus not in self._clear and self._unit_attention(srb, op):
             return
         if handler is None:
             self._fail(srb, S.INVALID_OPCODE, field_pointer=0, bit_pointer=7)
@@ -499,7 +504,7 @@ class LogicalUnit:
             return
         handler(srb, cdb)
 
-    def _unit_attention(self, srb: Srb, op: int, supported: bool) -> bool:
+    def _unit_attention(self, srb: Srb, op: int) -> bool:
         """Register a new nexus; report (and clear) its oldest unit attention if the command is
         one that reports them. True when the srb was completed with the unit attention."""
         nexus = srb.nexus
@@ -508,7 +513,7 @@ class LogicalUnit:
             if pending is None:
                 pending = [S.POWER_ON_RESET]
                 self._pending[nexus] = pending
-            if supported and op in (Op.INQUIRY, Op.REPORT_LUNS, Op.REQUEST_SENSE):
+            if not self._reports_ua[op]:
                 return False
             if not pending:
                 self._clear.add(nexus)

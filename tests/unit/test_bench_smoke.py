@@ -1,0 +1,119 @@
+"""The parsing and formatting in bench/bench_vs_tgtd.py, on captured tool output."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import load_bench
+
+bench = load_bench()
+
+PERF_OK = (
+    "iscsi-perf version 0.1 - (c) 2014-2015 by Peter Lieven <pl@kamp.de>\n\n"
+    "connected to iscsi://127.0.0.1:3260/iqn.x:t/0\n"
+    "capacity is 131072 blocks or 67108864 byte (64 MB)\n"
+    "performing RANDOM READ with 32 parallel requests\n"
+    "FIXED transfer size of 8 blocks (4096 byte)\n"
+    "will run for 3 seconds.\n\n"
+    "\r00:00:02 - lba 90495, iops current 22530 (88 MB/s), iops average 22530 (88 MB/s), "
+    "in_flight 32, busy 0        \r00:00:01 - lba 128101, iops current 21406 (83 MB/s), "
+    "iops average 21968 (85 MB/s), in_flight 32, busy 0        "
+    "\riops average 22049 (86 MB/s)          \n\nfinished.\n"
+)
+
+RC16 = (
+    "RETURNED LOGICAL BLOCK ADDRESS:131071\n"
+    "LOGICAL BLOCK LENGTH IN BYTES:512\n"
+    "P_TYPE:0 PROT_EN:0\n"
+    "LBPME:0 LBPRZ:0\n"
+    "Total size:67108864\n"
+)
+
+
+def test_parse_iscsi_perf_takes_the_final_average() -> None:
+    assert bench.parse_iscsi_perf(PERF_OK) == 22049
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        PERF_OK.replace("finished.", ""),  # interrupted before the end
+        PERF_OK + "Read16 failed with sense key:5 ascq:2100\n",
+        "Login Failed. connection refused\n",
+    ],
+)
+def test_parse_iscsi_perf_rejects_bad_runs(output: str) -> None:
+    with pytest.raises(RuntimeError):
+        bench.parse_iscsi_perf(output)
+
+
+def test_parse_readcapacity16() -> None:
+    capacity = bench.parse_readcapacity16(RC16)
+    assert (capacity.block_length, capacity.blocks, capacity.size) == (512, 131072, 64 << 20)
+    with pytest.raises(ValueError):
+        bench.parse_readcapacity16(RC16.replace("67108864", "67108865"))
+    with pytest.raises(ValueError):
+        bench.parse_readcapacity16("Total size:512\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4096", 4096), ("64M", 64 << 20), ("1G", 1 << 30), ("2GiB", 2 << 30), ("8k", 8192)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert bench.parse_size(text) == size
+
+
+def test_parse_size_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        bench.parse_size("lots")
+
+
+def test_iscsi_perf_command_counts_blocks() -> None:
+    qd32 = bench.Workload("w", 256 * 1024, 32, False)
+    cmd = bench.iscsi_perf_command("iscsi://h:1/iqn/0", qd32, 7, 4096, "iqn.init")
+    assert cmd == [
+        "iscsi-perf",
+        "-i",
+        "iqn.init",
+        "-t",
+        "7",
+        "-m",
+        "32",
+        "-b",
+        "64",
+        "iscsi://h:1/iqn/0",
+    ]
+    random_4k = bench.Workload("r", 4096, 1, True)
+    assert "-r" in bench.iscsi_perf_command("u", random_4k, 1, 512)
+    with pytest.raises(ValueError):
+        bench.iscsi_perf_command("u", bench.Workload("odd", 1000, 1, True), 1, 512)
+
+
+def test_table_has_a_row_per_workload_and_the_ratio() -> None:
+    row = bench.Row("4k-randread-qd32")
+    row.results["emuhba"] = bench.PerfResult(20000, 4096, 10.0)
+    row.results["tgtd"] = bench.PerfResult(10000, 4096, 10.0)
+    missing = bench.Row("256k-seqread-qd32")
+    table = bench.format_table([row, missing], ("emuhba", "tgtd"))
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "workload", "emuhba", "IOPS", "emuhba", "MiB/s", "tgtd", "IOPS", "tgtd", "MiB/s", "emuhba/tgtd",
+    ]  # fmt: skip
+    assert lines[2].split() == ["4k-randread-qd32", "20000", "78.1", "10000", "39.1", "2.00"]
+    assert lines[3].split() == ["256k-seqread-qd32", "-", "-", "-", "-", "-"]
+
+
+def test_portal_urls() -> None:
+    portal = bench.Portal("127.0.0.1", 3260, "iqn.2026-11.io.emuhba:target0", 1)
+    assert portal.url() == "iscsi://127.0.0.1:3260/iqn.2026-11.io.emuhba:target0/1"
+    assert portal.url(0, "header_digest=crc32c").endswith("/0?header_digest=crc32c")
+    assert bench._url_portal(portal.url()) == portal
+    with pytest.raises(SystemExit):
+        bench._url_portal("iscsi://127.0.0.1/iqn/0")
+
+
+def test_free_port_and_wait_for_portal() -> None:
+    port = bench.free_tcp_port()
+    with pytest.raises(TimeoutError):
+        bench.wait_for_portal("127.0.0.1", port, None, 0.2)
