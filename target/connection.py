@@ -138,6 +138,11 @@ class Session:
         self.pending: dict[int, tuple[Connection, tuple[int, ...], memoryview | None, memoryview]] = {}
         self.connections: list[Connection] = []
         self.closed = False
+        # Counters (plain ints, read by the metrics exporter at scrape time).
+        self.commands = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.tasks_aborted = 0
 
     def _window_size(self) -> int:
         settings = self.portal.settings
@@ -731,6 +736,7 @@ class Connection:
         lun = P.decode_lun(w[5])
         task = Task(self, itt, lun, w[5], w[8], edtl, immediate)
         session.tasks[itt] = task
+        session.commands += 1
         if not immediate:
             session.active += 1
         read = bool(flags & P.CMD_READ)
@@ -819,6 +825,8 @@ class Connection:
             srb.sg_list = [mv for _, mv in parts]
             task.parts = []
         task.submitted = True
+        if task.write:
+            session.bytes_written += task.edtl
         session.node.backend.execute(srb)
 
     def _on_scsi_complete(self, srb: Srb) -> None:
@@ -843,6 +851,7 @@ class Connection:
         buf = task.read_buf
         session = self.session
         assert session is not None
+        session.bytes_read += moved
         datasn = 0
         if buf is not None and moved > 0:
             mv = memoryview(buf)
@@ -1028,6 +1037,8 @@ class Connection:
     # ----------------------------------------------------------------- task management
 
     def _abort_local(self, session: Session, task: Task) -> None:
+        if session.tasks.get(task.itt) is task:
+            session.tasks_aborted += 1
         task.aborted = True
         if session.tasks.get(task.itt) is task:
             del session.tasks[task.itt]
