@@ -11,18 +11,25 @@ to send ``scsi_status``/``sense``/``residual`` (or nothing, for an aborted task)
   ``scsi_status`` TASK ABORTED; the front end sends no response for them;
 * a failure without SCSI status (firmware fault, time-out, link down) becomes CHECK CONDITION
   with a sense code that says so; device status and sense pass through untouched.
+
+``model`` picks the port driver's model ("storport" or "scsiport"); nothing here depends on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final
 
 import structlog
 
 from emuhba.miniport import Miniport
-from emuhba.port import PortDriver, synchronize_cache_cdb
+from emuhba.port import (
+    DEFAULT_RECOVERY_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
+    PortDriver,
+    synchronize_cache_cdb,
+)
 from emuhba.scsi import sense as _sense
 from emuhba.scsi.cdb import decode_into, encode_lun
 from emuhba.scsi.opcodes import (
@@ -48,6 +55,8 @@ _DONE_OK: Final = frozenset({SrbStatus.SUCCESS, SrbStatus.DATA_OVERRUN})
 
 NOT_READY_CAUSE_NOT_REPORTABLE: Final = SenseCode.of(
     SenseKey.NOT_READY, ASC_LU_NOT_READY_CAUSE_NOT_REPORTABLE)
+# SPC-4 3Eh/02h. With ABORTED COMMAND the initiator retries the command.
+TIMEOUT_ON_LOGICAL_UNIT: Final = SenseCode.of(SenseKey.ABORTED_COMMAND, (0x3E, 0x02))
 # SRB outcomes without SCSI status, as the initiator should read them. Link down answers
 # "becoming ready" because initiators retry that one (Linux fails 04/00 at once).
 _FAILURE_SENSE: Final[dict[SrbStatus, SenseCode]] = {
@@ -55,6 +64,8 @@ _FAILURE_SENSE: Final[dict[SrbStatus, SenseCode]] = {
     SrbStatus.NOT_POWERED: NOT_READY_CAUSE_NOT_REPORTABLE,
     SrbStatus.INVALID_REQUEST: _sense.INVALID_OPCODE,
     SrbStatus.BAD_FUNCTION: _sense.INVALID_OPCODE,
+    SrbStatus.TIMEOUT: TIMEOUT_ON_LOGICAL_UNIT,
+    SrbStatus.COMMAND_TIMEOUT: TIMEOUT_ON_LOGICAL_UNIT,
 }
 
 # Standard INQUIRY data of an absent unit: peripheral qualifier 011b, device type 1Fh.
@@ -65,24 +76,24 @@ _PRODUCT: Final = b"NO LOGICAL UNIT "
 _REVISION: Final = b"0001"
 
 
-@runtime_checkable
-class NexusAware(Protocol):
-    """A miniport that keeps per-nexus state below it (unit attentions, reservations)."""
-
-    def hw_nexus_lost(self, nexus: int) -> None: ...
-
-
 class Hba:
-    """One emulated adapter: ``start`` it, then ``execute`` SRBs and run task management."""
+    """One emulated adapter: ``start`` it, then ``execute`` SRBs and run task management.
+
+    ``model``, ``request_timeout`` and ``recovery_timeout`` go to the :class:`PortDriver`."""
 
     def __init__(self, miniport: Miniport, *, name: str = "hba0",
                  loop: asyncio.AbstractEventLoop | None = None,
-                 stop_timeout: float = 5.0, tmf_timeout: float = 30.0) -> None:
+                 stop_timeout: float = 5.0, tmf_timeout: float = 30.0,
+                 model: str = "storport",
+                 request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT) -> None:
         self.name = name
         self.stop_timeout = stop_timeout
         self.tmf_timeout = tmf_timeout
         self._miniport = miniport
-        self._port = PortDriver(miniport, loop=loop, finisher=self._finish)
+        self._port = PortDriver(miniport, loop=loop, finisher=self._finish, model=model,
+                                request_timeout=request_timeout,
+                                recovery_timeout=recovery_timeout)
         self._running = False
         self._stopped = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -91,6 +102,11 @@ class Hba:
     def port(self) -> PortDriver:
         """The port driver (for the CLI and benchmarks; the front end never needs it)."""
         return self._port
+
+    @property
+    def model(self) -> str:
+        """The port driver's model: "storport" or "scsiport"."""
+        return self._port.model
 
     @property
     def running(self) -> bool:
@@ -104,7 +120,7 @@ class Hba:
             raise RuntimeError(f"{self.name}: miniport {self._miniport.name} found no adapter")
         await self._port.scan()
         self._running = True
-        log.info("hba_started", hba=self.name, targets=self.targets())
+        log.info("hba_started", hba=self.name, model=self.model, targets=self.targets())
 
     async def stop(self) -> None:
         """Let in-flight I/O finish (bounded), abort the rest, SYNCHRONIZE CACHE every unit,
@@ -295,8 +311,7 @@ class Hba:
     async def _nexus_lost(self, nexus: int) -> bool:
         srbs = self._port.all_pending(nexus)
         await self._port.abort_all(srbs)
-        if isinstance(self._miniport, NexusAware):
-            self._miniport.hw_nexus_lost(nexus)
+        self._miniport.hw_nexus_lost(nexus)
         return True
 
 

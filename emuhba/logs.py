@@ -10,6 +10,20 @@ import structlog
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is now, not what it was when logging was configured.
+
+    Loggers are cached; binding the stream once breaks when stderr is replaced later (test
+    capture, daemonizing tools redirecting it).
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
     numeric = logging.getLevelNamesMapping()[level.upper()]
     processors: list[structlog.types.Processor] = [
@@ -24,6 +38,6 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

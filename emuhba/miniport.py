@@ -20,6 +20,10 @@ T = TypeVar("T")
 # Storport's limit on per-LU outstanding requests without extended SRB support.
 MAX_QUEUE_DEPTH_CLASSIC = 255
 
+# The port models a miniport may be loaded under (PortConfiguration.port_model).
+PORT_MODEL_STORPORT = "storport"
+PORT_MODEL_SCSIPORT = "scsiport"
+
 
 class AdapterControl(IntEnum):
     """SCSI_ADAPTER_CONTROL_TYPE values a miniport may be asked to handle."""
@@ -46,6 +50,10 @@ class PortConfiguration:
     default_queue_depth: int = 64
     # Adapter-wide cap on outstanding requests; None means none (Storport has no predefined one).
     adapter_queue_limit: int | None = None
+    # Filled in by the port before hw_find_adapter, read by the miniport: "storport" hands the
+    # whole scatter/gather list over with each request (srb.sg_list); "scsiport" hides it, and
+    # the miniport fetches it one element per PortServices.get_physical_address call.
+    port_model: str = PORT_MODEL_STORPORT
 
 
 class PortServices(Protocol):
@@ -82,7 +90,18 @@ class PortServices(Protocol):
         """Run ``fn`` on the port's loop after ``delay`` seconds (a miniport timer)."""
         ...
 
-    # Queue controls: shaped here, implemented in full with the port's queue-control work.
+    def get_physical_address(self, srb: Srb, offset: int) -> memoryview:
+        """ScsiPortGetPhysicalAddress: the one scatter/gather element holding byte ``offset`` of
+        ``srb``'s data, from that byte to the end of its element (a page at most); empty past
+        the end of the data. The only way to the data under the SCSIport model."""
+        ...
+
+    def set_queue_depth(self, path_id: int, target_id: int, lun: int, depth: int) -> int:
+        """StorPortSetDeviceQueueDepth: returns the depth in effect."""
+        ...
+
+    # The eight queue controls (Storport only; a SCSIport-model port ignores and counts them).
+    # Safe to call from any thread.
     def pause_device(self, path_id: int, target_id: int, lun: int, seconds: float) -> None: ...
     def resume_device(self, path_id: int, target_id: int, lun: int) -> None: ...
     def pause(self, seconds: float) -> None: ...
@@ -98,7 +117,16 @@ class Miniport(ABC):
 
     Calling order: ``hw_find_adapter`` once, ``hw_initialize`` once, then for every request
     ``hw_build_io`` (no lock needed) followed by ``hw_start_io`` (ordered); ``hw_interrupt``
-    whenever the controller raised its interrupt line.
+    whenever the controller raised its interrupt line. ``hw_build_io`` is optional, as
+    HwBuildIo is in Storport: a miniport that does not override it has none, and the port goes
+    straight to ``hw_start_io``.
+
+    Threads and locks: everything but ``hw_interrupt`` runs on the port's event loop.
+    ``hw_interrupt`` runs under the interrupt lock, either on the loop or on the thread that
+    raised the interrupt line (a controller's worker); so under the Storport model it may run
+    while ``hw_start_io`` is running on the loop, and state the two share must be guarded with
+    ``synchronize_access``. Under the SCSIport model the port holds that same lock around
+    ``hw_build_io``/``hw_start_io`` as well, and the two never overlap (half duplex).
     """
 
     name: str = "miniport"
@@ -139,3 +167,8 @@ class Miniport(ABC):
 
     def hw_free_adapter_resources(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Final teardown (flush and close backing files)."""
+
+    def hw_nexus_lost(self, nexus: int) -> None:  # noqa: B027 - optional hook, no-op by default
+        """An I_T nexus is gone (its session ended): forget what the units kept for it (unit
+        attentions, reservations). Not a Storport routine: iSCSI sessions come and go while
+        the adapter runs."""

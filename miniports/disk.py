@@ -6,23 +6,41 @@ engine (worker threads for stores whose I/O blocks), a completion ring and an in
 with the Storport queue controls instead of failing, and reports what the ring holds from its
 interrupt routine.
 
-Threads: everything runs on the event loop except ``LogicalUnit.execute`` for blocking stores,
-which runs on the DMA workers; a worker only appends to the completion ring (a deque, safe to
-append from any thread) and raises the interrupt line (the port coalesces it onto the loop).
+Threads: everything runs on the event loop except ``LogicalUnit.execute`` for blocking stores
+(or for every command, with ``threaded_completions``), which runs on the DMA workers. A worker
+appends to the completion ring (a deque, safe to append from any thread) and raises the
+interrupt line; the port may run the interrupt routine right there on the worker, under its
+interrupt lock. So what the interrupt routine shares with the start path is kept safe without a
+lock on the I/O path (the slot count is two counters, each with one writer) or under
+``synchronize_access`` (resets, which walk the commands the DMA engine is running).
+
+Modeled CPU costs: ``start_cost_s`` and ``interrupt_cost_s`` are the time the miniport's start
+and interrupt routines take per request, spent in those routines (sleeping, so another
+processor's routine can run meanwhile) while holding whatever lock the port model holds around
+them: nothing but the start order under Storport, the adapter lock under SCSIport. The start
+routine hands the command to the controller first and then spends its cost, so the command's
+completion can arrive while the start routine is still running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import structlog
 
-from emuhba.miniport import AdapterControl, Miniport, PortConfiguration, PortServices
+from emuhba.miniport import (
+    PORT_MODEL_SCSIPORT,
+    AdapterControl,
+    Miniport,
+    PortConfiguration,
+    PortServices,
+)
 from emuhba.scsi.sense import REPORTED_LUNS_DATA_CHANGED
 from emuhba.srb import ResetKind, Srb, SrbFunction, SrbStatus
 from miniports.lu import LogicalUnit
@@ -40,6 +58,13 @@ _EXECUTE: Final = SrbFunction.EXECUTE_SCSI
 _SLOTTED: Final = frozenset({SrbFunction.EXECUTE_SCSI, SrbFunction.FLUSH, SrbFunction.SHUTDOWN})
 
 
+def spend(seconds: float) -> None:
+    """Model CPU time a miniport routine takes: the thread is occupied and keeps whatever locks
+    it holds, but lets go of the GIL, as a routine on another processor would."""
+    if seconds > 0:
+        time.sleep(seconds)
+
+
 class EmulatedDiskController:
     """An emulated disk controller: ``slots`` command slots in front of a set of logical units.
 
@@ -47,6 +72,12 @@ class EmulatedDiskController:
     once to make that map. ``latency_s`` (seconds, or a function of the SRB for a seek+transfer
     model) is how long a command sits in its slot before it executes; while it waits it can be
     aborted. ``irq`` is the interrupt line.
+
+    ``threaded_completions`` runs every command on the DMA workers, not only those on blocking
+    stores, so every completion interrupts from a worker thread as real hardware would.
+    ``start_cost_s`` / ``interrupt_cost_s`` are the modeled CPU costs of the miniport's start
+    and interrupt routines per request (see the module docstring); the miniport reads
+    ``start_cost_s`` once, when the adapter initializes.
     """
 
     def __init__(
@@ -59,6 +90,9 @@ class EmulatedDiskController:
         irq: Irq,
         stores: Mapping[Address, BlockStore] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        threaded_completions: bool = False,
+        start_cost_s: float = 0.0,
+        interrupt_cost_s: float = 0.0,
     ) -> None:
         made = units() if callable(units) else units
         # Kept as given when it is a dict: units built by build_units answer REPORT LUNS from it.
@@ -66,6 +100,9 @@ class EmulatedDiskController:
         self.slots = slots
         self.latency_s = latency_s
         self.workers = workers
+        self.threaded_completions = threaded_completions
+        self.start_cost_s = start_cost_s
+        self.interrupt_cost_s = interrupt_cost_s
         self._irq = irq
         self._stores: dict[Address, BlockStore] = dict(stores or {})
         for address, lu in self.units.items():
@@ -74,7 +111,10 @@ class EmulatedDiskController:
         self._loop = loop
         self._executor: ThreadPoolExecutor | None = None
         self._ring: deque[Srb] = deque()
-        self.in_use = 0
+        # Slots in use = taken - freed: the start path (loop) only takes, the interrupt routine
+        # (any thread, under the interrupt lock) only frees, so neither needs a lock.
+        self._taken = 0
+        self._freed = 0
         # Commands in their latency wait (abortable), and commands the DMA engine is running.
         self._waiting: dict[Srb, asyncio.TimerHandle] = {}
         self._executing: dict[Srb, LogicalUnit] = {}
@@ -88,6 +128,15 @@ class EmulatedDiskController:
         self.resets = 0
 
     # ---------------------------------------------------------------------------- topology
+
+    @property
+    def in_use(self) -> int:
+        """Command slots taken and not yet reaped."""
+        return self._taken - self._freed
+
+    @in_use.setter
+    def in_use(self, value: int) -> None:
+        self._taken = value + self._freed
 
     def addresses(self) -> list[Address]:
         return sorted(self.units)
@@ -153,10 +202,10 @@ class EmulatedDiskController:
 
     def submit(self, srb: Srb) -> bool:
         """Take a command into a free slot; False when every slot is in use (busy)."""
-        if self.in_use >= self.slots or not self.accepting:
+        if self._taken - self._freed >= self.slots or not self.accepting:
             self.busy_rejections += 1
             return False
-        self.in_use += 1
+        self._taken += 1
         self.commands += 1
         address = (srb.path_id, srb.target_id, srb.lun)
         lu = self.units.get(address)
@@ -180,7 +229,7 @@ class EmulatedDiskController:
         if self._waiting:
             self._waiting.pop(srb, None)
         executor = self._executor
-        if executor is not None and lu.needs_blocking_io(srb):
+        if executor is not None and (self.threaded_completions or lu.needs_blocking_io(srb)):
             self._executing[srb] = lu
             executor.submit(self._dma, srb, lu)
         else:
@@ -226,14 +275,15 @@ class EmulatedDiskController:
         self._irq()
 
     def reap(self) -> Srb | None:
-        """Take the next finished command off the completion ring (loop thread); frees its slot."""
+        """Take the next finished command off the completion ring (the interrupt routine, under
+        the interrupt lock); frees its slot."""
         try:
             srb = self._ring.popleft()
         except IndexError:
             return None
         function = srb.function
         if function is _EXECUTE or function in _SLOTTED:
-            self.in_use -= 1
+            self._freed += 1
             if self._executing:
                 self._executing.pop(srb, None)
                 if self._doomed:
@@ -263,7 +313,8 @@ class EmulatedDiskController:
     def reset(self, path_id: int, target_id: int | None, lun: int | None, kind: ResetKind,
               status: SrbStatus) -> bool:
         """Reset the matching units: waiting commands end with ``status`` now, executing ones
-        when their DMA finishes; then each unit's state resets. False if nothing matched."""
+        when their DMA finishes; then each unit's state resets. False if nothing matched.
+        Call it exclusive with the interrupt routine (it marks what the DMA engine runs)."""
         self.resets += 1
         addresses = self._matching(path_id, target_id, lun)
 
@@ -275,7 +326,7 @@ class EmulatedDiskController:
             self._waiting.pop(srb).cancel()
             srb.complete(status)
             self.post(srb)
-        for srb in self._executing:
+        for srb in list(self._executing):
             if hit(srb):
                 self._doomed[srb] = status
         for address in addresses:
@@ -293,6 +344,10 @@ class DiskMiniport(Miniport):
     ``controller_factory`` is called from ``hw_find_adapter`` with the interrupt line to build
     the controller. ``busy_requests`` is how many completions the adapter waits for when the
     controller is out of slots.
+
+    Under a SCSIport-model port the request arrives without its scatter/gather list; the start
+    routine fetches it element by element (``get_physical_address``) and programs the
+    controller's DMA with what it got. Under Storport the list comes whole with the request.
     """
 
     name = "emudisk"
@@ -311,6 +366,11 @@ class DiskMiniport(Miniport):
         self.maximum_transfer_length = maximum_transfer_length
         self._port: PortServices | None = None
         self._controller: EmulatedDiskController | None = None
+        # The same controller once initialized, for the per-I/O path (no None check there).
+        self._hw: EmulatedDiskController
+        self._per_element = False
+        self._plain_start = True
+        self.sg_elements = 0
 
     @property
     def controller(self) -> EmulatedDiskController:
@@ -337,9 +397,13 @@ class DiskMiniport(Miniport):
         workers: int = 4,
         queue_depth: int = 64,
         block_size: int = 512,
-    ) -> DiskMiniport:
+        threaded_completions: bool = False,
+        start_cost_s: float = 0.0,
+        interrupt_cost_s: float = 0.0,
+    ) -> Self:
         """LUNs 0..n-1 on one target from ``("ram", size_bytes)`` and
-        ``("file", path, size_bytes | None)`` (a ``"file"`` spec may add ``read_only``)."""
+        ``("file", path, size_bytes | None)`` (a ``"file"`` spec may add ``read_only``).
+        The keyword arguments after ``queue_depth`` go to :class:`EmulatedDiskController`."""
         specs = [tuple(spec) for spec in specs]
         for spec in specs:
             _check_spec(spec)
@@ -362,7 +426,10 @@ class DiskMiniport(Miniport):
             raise
 
         def build(irq: Irq) -> EmulatedDiskController:
-            return EmulatedDiskController(units, slots, latency_s, workers, irq=irq, stores=stores)
+            return EmulatedDiskController(units, slots, latency_s, workers, irq=irq, stores=stores,
+                                          threaded_completions=threaded_completions,
+                                          start_cost_s=start_cost_s,
+                                          interrupt_cost_s=interrupt_cost_s)
 
         return cls(build, queue_depth=queue_depth)
 
@@ -399,53 +466,97 @@ class DiskMiniport(Miniport):
         config.srb_type_extended = True
         config.default_queue_depth = self.queue_depth
         config.adapter_queue_limit = None
+        self._per_element = config.port_model == PORT_MODEL_SCSIPORT
         return True
 
     def hw_initialize(self) -> bool:
-        self.controller.start()
+        controller = self.controller
+        controller.start()
+        self._hw = controller
+        # Decided once: whether a start is more than handing the request to the controller
+        # (so the modeled start cost is read here, not per request).
+        self._plain_start = not self._per_element and not controller.start_cost_s
         return True
 
-    def hw_build_io(self, srb: Srb) -> bool:
-        # The whole scatter/gather list came with the request; there is nothing to translate.
-        return True
+    # No hw_build_io: under Storport the whole scatter/gather list came with the request and
+    # there is nothing to translate; under SCSIport the start routine fetches it.
 
     def hw_start_io(self, srb: Srb) -> bool:
         function = srb.function
-        controller = self.controller
         if function is _EXECUTE or function in _SLOTTED:
-            if not controller.submit(srb):
-                # Out of slots: have the port retry this one, and hold the adapter until the
-                # controller gives back a slot rather than fail anything.
-                srb.srb_status = SrbStatus.BUSY
-                self.port.request_complete(srb)
-                self.port.busy(self.busy_requests)
+            if not self._plain_start:
+                return self._start_modeled(srb)
+            if not self._hw.submit(srb):
+                self._out_of_slots(srb)
             return True
+        controller = self.controller
         if function == SrbFunction.ABORT_COMMAND:
             controller.abort(srb)
             return True
         if function == SrbFunction.RESET_LOGICAL_UNIT:
-            found = controller.reset(srb.path_id, srb.target_id, srb.lun, ResetKind.LOGICAL_UNIT,
-                                     SrbStatus.ABORTED)
+            where: tuple[int | None, int | None, ResetKind, SrbStatus] = (
+                srb.target_id, srb.lun, ResetKind.LOGICAL_UNIT, SrbStatus.ABORTED)
         elif function == SrbFunction.RESET_DEVICE:
-            found = controller.reset(srb.path_id, srb.target_id, None, ResetKind.TARGET,
-                                     SrbStatus.ABORTED)
+            where = (srb.target_id, None, ResetKind.TARGET, SrbStatus.ABORTED)
         elif function == SrbFunction.RESET_BUS:
-            found = controller.reset(srb.path_id, None, None, ResetKind.BUS, SrbStatus.BUS_RESET)
+            where = (None, None, ResetKind.BUS, SrbStatus.BUS_RESET)
         else:
             srb.complete(SrbStatus.INVALID_REQUEST)
             self.port.request_complete(srb)
             return True
+        target_id, lun, kind, status = where
+        found = self.port.synchronize_access(
+            lambda: controller.reset(srb.path_id, target_id, lun, kind, status))
         srb.complete(SrbStatus.SUCCESS if found else SrbStatus.NO_DEVICE)
         controller.post(srb)
         return True
+
+    def _out_of_slots(self, srb: Srb) -> None:
+        # Have the port retry this one, and hold the adapter until the controller gives back a
+        # slot rather than fail anything.
+        srb.srb_status = SrbStatus.BUSY
+        self.port.request_complete(srb)
+        self.port.busy(self.busy_requests)
+
+    def _start_modeled(self, srb: Srb) -> bool:
+        """A start under SCSIport (the data fetched element by element) or with a modeled CPU
+        cost (spent after the controller has the command, so it may complete meanwhile)."""
+        controller = self._hw
+        if self._per_element and srb.data_transfer_length:
+            self._fetch_elements(srb)
+        if not controller.submit(srb):
+            self._out_of_slots(srb)
+        spend(controller.start_cost_s)
+        return True
+
+    def _fetch_elements(self, srb: Srb) -> None:
+        """SCSIport: ask the port for the data one scatter/gather element at a time and program
+        the DMA with the list (the port puts the original back when the request completes)."""
+        element_at = self.port.get_physical_address
+        length = srb.data_transfer_length
+        elements: list[memoryview] = []
+        offset = 0
+        while offset < length:
+            element = element_at(srb, offset)
+            if not element:
+                break
+            if offset + element.nbytes > length:
+                element = element[:length - offset]
+            elements.append(element)
+            offset += element.nbytes
+        self.sg_elements += len(elements)
+        srb.sg_list = elements
 
     def hw_interrupt(self) -> bool:
         controller = self.controller
         complete = self.port.request_complete
         reap = controller.reap
+        cost = controller.interrupt_cost_s
         serviced = False
         while (srb := reap()) is not None:
             serviced = True
+            if cost:
+                spend(cost)
             complete(srb)
         return serviced
 

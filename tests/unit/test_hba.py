@@ -357,3 +357,58 @@ async def test_completions_run_on_the_loop_thread_for_file_luns(tmp_path: Path) 
     assert threads == {threading.get_ident()}
     await hba.stop()
 
+
+
+async def test_the_port_model_is_chosen_here_and_nothing_above_the_port_changes() -> None:
+    from emuhba.port import ScsiPortDriver
+
+    default = Hba(DiskMiniport.from_luns([("ram", 1 << 20)], target_port_name="iqn.t,t,1"))
+    assert default.model == "storport" and type(default.port) is not ScsiPortDriver
+    hba = Hba(DiskMiniport.from_luns([("ram", 1 << 20)], target_port_name="iqn.t,t,1"),
+              model="scsiport")
+    await hba.start()
+    assert hba.model == "scsiport" and isinstance(hba.port, ScsiPortDriver)
+    await run(hba, command(TUR))
+    payload = bytes(range(256)) * 4
+    write = await run(hba, command(rw10(True, 3, 2), data_out=payload))
+    read = await run(hba, command(rw10(False, 3, 2), data_in=2 * BS))
+    assert write.scsi_status == ScsiStatus.GOOD and data_of(read) == payload
+    await hba.stop()
+
+
+async def test_a_timed_out_request_answers_aborted_command_timeout_on_logical_unit() -> None:
+    hba = Hba(DiskMiniport.from_luns([("ram", 1 << 20)], target_port_name="iqn.t,t,1",
+                                     latency_s=stalled_media),
+              request_timeout=0.05, recovery_timeout=0.5)
+    await hba.start()
+    await run(hba, command(TUR))
+    t0 = time.monotonic()
+    srb = await run(hba, command(rw10(False, 0, 1), data_in=BS))
+    assert time.monotonic() - t0 < 5  # not the 30 s the medium would have taken
+    # The abort (first step of recovery) caught it; the initiator hears that the command
+    # timed out and may retry it, instead of never hearing anything.
+    assert srb.scsi_status == ScsiStatus.CHECK_CONDITION
+    assert parse_sense(srb.sense).code == (0xB, 0x3E, 0x02)
+    assert hba.port.counters()["recovery_aborts"] == 1
+    assert [r.step for r in hba.port.recovery_history] == ["abort_task"]
+    await hba.stop()
+
+
+async def test_descriptor_sense_from_the_device_passes_through_when_d_sense_is_set() -> None:
+    hba = await ram_hba(luns=1)
+    await run(hba, command(TUR))
+    # MODE SENSE(6), control page, no block descriptors: then set D_SENSE with MODE SELECT(6).
+    sensed = await run(hba, command(bytes((0x1A, 0x08, 0x0A, 0, 255, 0)), data_in=255))
+    page = bytearray(data_of(sensed)[4:])
+    assert page[0] & 0x3F == 0x0A
+    page[0] &= 0x3F
+    page[2] |= 0x04
+    params = bytes(4) + bytes(page)
+    selected = await run(hba, command(bytes((0x15, 0x10, 0, 0, len(params), 0)),
+                                      data_out=params))
+    assert selected.scsi_status == ScsiStatus.GOOD
+    past_end = await run(hba, command(rw10(False, 1 << 20, 1), data_in=BS))
+    assert past_end.scsi_status == ScsiStatus.CHECK_CONDITION
+    assert past_end.sense[0] == 0x72  # descriptor format, as the device made it
+    assert parse_sense(past_end.sense).code == (0x5, 0x21, 0x00)
+    await hba.stop()

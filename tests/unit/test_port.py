@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from emuhba.miniport import Miniport, PortConfiguration, PortServices
-from emuhba.port import INTERNAL_NEXUS, PortDriver, sense_key
+from emuhba.port import INTERNAL_NEXUS, PortDriver, ScsiPortDriver, sense_key
 from emuhba.scsi.cdb import decode_into
 from emuhba.srb import (
     DataDirection,
@@ -394,22 +394,12 @@ async def test_busy_request_goes_before_newer_ones() -> None:
 # ------------------------------------------------------------------------------- interrupt
 
 
-async def test_interrupt_assertions_coalesce_into_one_isr_call() -> None:
+async def test_interrupt_assertions_on_the_loop_coalesce_into_one_isr_call() -> None:
     mp = GatedMiniport()
     port = await started(mp)
     await settle()
     before = mp.isr_calls
-
-    def assert_line() -> None:
-        for _ in range(1000):
-            port.interrupt()
-
-    threads = [threading.Thread(target=assert_line) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()  # the loop is blocked meanwhile: nothing can service the line yet
-    for _ in range(10):
+    for _ in range(1000):
         port.interrupt()
     await settle()
     assert mp.isr_calls == before + 1
@@ -418,6 +408,56 @@ async def test_interrupt_assertions_coalesce_into_one_isr_call() -> None:
     port.interrupt()
     await settle()
     assert mp.isr_calls == before + 2
+
+
+async def test_interrupts_raised_on_other_threads_are_served_there_and_coalesce() -> None:
+    mp = GatedMiniport(depth=8)
+    port = await started(mp)
+    done = Completions()
+    srbs = [rw_srb(tag=i, done=done) for i in range(8)]
+    for srb in srbs:
+        port.submit(srb)
+    pending = list(mp.started)
+    mp.started.clear()
+    before = mp.isr_calls
+    first_waiting = threading.Event()
+
+    def dma_first() -> None:
+        srb = pending[0]
+        mp.units[srb.address].execute(srb)
+        mp.finished.append(srb)
+        first_waiting.set()
+        port.interrupt()  # blocks: the loop holds the interrupt lock (below)
+
+    def dma_rest() -> None:
+        for srb in pending[1:]:
+            mp.units[srb.address].execute(srb)
+            mp.finished.append(srb)
+            for _ in range(100):
+                port.interrupt()  # one is pending already: nothing more to do
+
+    def holding_the_lock() -> None:
+        first = threading.Thread(target=dma_first)
+        first.start()
+        first_waiting.wait()
+        while not port._irq_pending:  # the first assertion is in, its service waits for us
+            time.sleep(0.001)
+        rest = threading.Thread(target=dma_rest)
+        rest.start()
+        rest.join()  # returns: those assertions coalesced into the pending one
+        threads.append(first)
+
+    threads: list[threading.Thread] = []
+    port.synchronize_access(holding_the_lock)
+    await asyncio.to_thread(threads[0].join)
+    await done.wait(8)
+    done.assert_once(srbs)
+    # One service for all of it, run on the thread that raised the line first; the port
+    # delivered the completions on the loop.
+    assert mp.isr_calls == before + 1
+    assert threading.get_ident() not in mp.isr_threads
+    assert done.thread_ids == {threading.get_ident()}
+    assert port.interrupt_assertions >= 1 + 7 * 100
 
 
 async def test_completions_from_worker_threads_all_arrive() -> None:
@@ -790,5 +830,10 @@ async def test_internal_commands_retry_after_unit_attention() -> None:
 
 
 async def test_unknown_model_is_refused() -> None:
-    with pytest.raises(ValueError, match="scsiport"):
-        PortDriver(GatedMiniport(), model="scsiport")
+    with pytest.raises(ValueError, match="storport, scsiport"):
+        PortDriver(GatedMiniport(), model="miniport")
+    port = PortDriver(GatedMiniport(), model="scsiport")
+    assert isinstance(port, ScsiPortDriver) and port.model == "scsiport"
+    assert type(PortDriver(GatedMiniport())) is PortDriver
+    with pytest.raises(ValueError):
+        ScsiPortDriver(GatedMiniport(), model="storport")
