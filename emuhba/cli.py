@@ -10,7 +10,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -22,6 +22,7 @@ from emuhba.logs import LEVELS, configure_logging
 from emuhba.miniport import PORT_MODEL_SCSIPORT, PORT_MODEL_STORPORT
 
 if TYPE_CHECKING:
+    from emuhba.config import ServerConfig
     from emuhba.control import ControlServer
     from emuhba.hba import Hba
     from emuhba.metrics import MetricsServer
@@ -148,9 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics", type=parse_metrics_address, metavar="HOST:PORT", default=None,
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (':PORT' listens "
                             "on every interface)")
-    serve.add_argument("--log-format", choices=("console", "json"), default="console",
-                       help="log output format")
-    serve.add_argument("--log-level", choices=LEVELS, default="info", help="least severe level logged")
+    serve.add_argument("--config", metavar="FILE.toml", default=None,
+                       help="describe the whole installation (stores, controllers, adapters, "
+                            "targets, portals) in a TOML file; see examples/. Excludes the "
+                            "options above that describe one")
+    serve.add_argument("--log-format", choices=("console", "json"), default=None,
+                       help="log output format (default: console, or the config's)")
+    serve.add_argument("--log-level", choices=LEVELS, default=None,
+                       help="least severe level logged (default: info, or the config's)")
     _add_ctl_parser(sub)
     add_bench_parser(sub)
     return parser
@@ -174,47 +180,99 @@ def _advertise_list(values: Sequence[str]) -> list[str]:
     return result
 
 
-async def serve(args: argparse.Namespace) -> int:
-    from emuhba.hba import Hba
-    from miniports.disk import DiskMiniport
-    from target.portal import PortalSettings, TargetNode, TargetPortal, format_address
-    from target.server import TargetServer
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The command-line form of an installation: one disk controller, one adapter and one
+    target whose LUNs are the --ram-lun/--file-lun stores in the order given."""
+    from emuhba.config import (
+        AdapterConfig,
+        ControllerConfig,
+        LunMapEntry,
+        ServerConfig,
+        StoreConfig,
+        TargetConfig,
+    )
 
     specs: list[tuple[str, object]] = getattr(args, "luns", None) or [
         ("ram", parse_size(DEFAULT_RAM_LUN))]
-    lun_specs: list[tuple[str, str | int, int | None]] = []
-    for kind, value in specs:
+    stores: list[StoreConfig] = []
+    for lun, (kind, value) in enumerate(specs):
         if kind == "ram":
             assert isinstance(value, int)
-            lun_specs.append(("ram", value, None))
+            stores.append(StoreConfig(f"lun{lun}", "ram", value, block_size=args.block_size))
         else:
             assert isinstance(value, FileLunSpec)
-            lun_specs.append(("file", os.path.abspath(value.path), value.size))
-    try:
-        miniport = DiskMiniport.from_luns(
-            [("ram", value) if kind == "ram" else (kind, value, size)
-             for kind, value, size in lun_specs], target_port_name=f"{args.iqn},t,0x0001", block_size=args.block_size,
-            queue_depth=args.queue_depth)
-    except (OSError, ValueError) as exc:
-        log.error("cannot create LUNs", error=str(exc))
-        return 2
-    hba = Hba(miniport, name="hba0", model=args.port_model)
-    await hba.start()
-    from target.keys import TargetLimits
+            stores.append(StoreConfig(f"lun{lun}", "file", value.size,
+                                      path=os.path.abspath(value.path),
+                                      block_size=args.block_size))
+    return ServerConfig(
+        source="command line",
+        portals=tuple(args.portal or [parse_hostport(DEFAULT_PORTAL)]),
+        advertise=tuple(_advertise_list(args.advertise)),
+        header_digest=args.header_digest, data_digest=args.data_digest,
+        stores=tuple(stores),
+        controllers=(ControllerConfig("disk0", "disk"),),
+        adapters=(AdapterConfig("hba0", "disk0", args.port_model, args.queue_depth),),
+        targets=(TargetConfig(args.iqn, "hba0", args.alias,
+                              tuple(LunMapEntry(i, s.name) for i, s in enumerate(stores))),),
+        control_socket=args.control_socket, control=not args.no_control,
+        metrics=args.metrics)
 
-    limits = TargetLimits(header_digests=DIGEST_POLICIES[args.header_digest],
-                          data_digests=DIGEST_POLICIES[args.data_digest])
-    settings = PortalSettings(limits=limits, advertise=_advertise_list(args.advertise))
-    node = TargetNode(name=args.iqn, backend=hba, path_id=0, target_id=0, alias=args.alias)
-    portal = TargetPortal([node], settings)
+
+_LUN_FLAGS = ("luns", "portal", "advertise", "alias", "metrics", "control_socket")
+
+
+def _check_config_flags(args: argparse.Namespace) -> str | None:
+    """--config describes the installation; flags that describe one too are refused with it."""
+    given = [name for name in _LUN_FLAGS if getattr(args, name, None)]
+    if args.iqn != DEFAULT_IQN:
+        given.append("iqn")
+    if args.no_control:
+        given.append("no_control")
+    for name, default in (("header_digest", "optional"), ("data_digest", "optional"),
+                          ("block_size", 512), ("queue_depth", 64),
+                          ("port_model", PORT_MODEL_STORPORT)):
+        if getattr(args, name) != default:
+            given.append(name)
+    if not given:
+        return None
+    flags = ", ".join("--" + ("ram-lun/--file-lun" if g == "luns" else g.replace("_", "-"))
+                      for g in given)
+    return f"{flags}: not with --config (the config file describes the installation)"
+
+
+async def serve(args: argparse.Namespace, config: ServerConfig | None = None) -> int:
+    from emuhba.config import ConfigError
+    from emuhba.installation import Installation
+    from target.keys import TargetLimits
+    from target.portal import PortalSettings, TargetPortal, format_address
+    from target.server import TargetServer
+
+    if config is None:
+        config = config_from_args(args)
+    try:
+        installation = Installation(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("cannot build the installation", problem=str(problem))
+        return 2
+    try:
+        await installation.start()
+    except Exception as exc:
+        log.error("cannot start the adapters", error=str(exc))
+        await installation.stop()
+        return 2
+    limits = TargetLimits(header_digests=DIGEST_POLICIES[config.header_digest],
+                          data_digests=DIGEST_POLICIES[config.data_digest])
+    settings = PortalSettings(limits=limits, advertise=list(config.advertise))
+    portal = TargetPortal(installation.nodes, settings)
     server = TargetServer(portal)
-    portals = args.portal or [parse_hostport(DEFAULT_PORTAL)]
+    portals = list(config.portals)
     # Control and metrics come up before the portals, so that a server that accepts iSCSI
     # connections can already be controlled and scraped (tests and scripts wait for the portal).
     info: dict[str, object] = {}
-    extras = await _start_extras(args, hba, portal, portals[0][1], info)
+    extras = await _start_extras(config, installation.hbas, portal, portals[0][1], info)
     if extras is None:
-        await hba.stop()
+        await installation.stop()
         return 2
     listening: list[str] = []
     try:
@@ -222,16 +280,19 @@ async def serve(args: argparse.Namespace) -> int:
             bound = await server.listen(host, port)
             for address in bound:
                 listening.append(format_address(str(address[0]), int(address[1])))
-                log.info("listening", portal=f"{address[0]}:{address[1]}", target=args.iqn)
+                log.info("listening", portal=f"{address[0]}:{address[1]}")
     except OSError as exc:
         log.error("cannot listen", error=str(exc))
         await extras.close()
         await server.close()
-        await hba.stop()
+        await installation.stop()
         return 2
     info["portals"] = listening
-    for lun in hba.luns(0, 0):
-        log.info("lun ready", target=args.iqn, lun=lun, spec=_describe(lun_specs[lun]) if lun < len(lun_specs) else "")
+    for adapter in installation.adapters:
+        for node in adapter.nodes:
+            log.info("target ready", target=node.name, adapter=adapter.config.name,
+                     controller=f"{adapter.controller.name} ({adapter.controller.kind})",
+                     address=f"{node.path_id}:{node.target_id}", luns=node.luns())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -240,7 +301,7 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("stopping")
     await extras.close()
     await server.close()
-    await hba.stop()
+    await installation.stop()
     log.info("stopped")
     return 0
 
@@ -259,7 +320,7 @@ class _Extras:
             await self.metrics.close()
 
 
-async def _start_extras(args: argparse.Namespace, hba: Hba, portal: TargetPortal,
+async def _start_extras(config: ServerConfig, hbas: list[Hba], portal: TargetPortal,
                         portal_port: int, info: dict[str, object]) -> _Extras | None:
     """Metrics endpoint and control socket; ``info`` (shown by ``ctl status``) stays shared so
     that what is learnt later (the bound portals) still shows."""
@@ -268,8 +329,9 @@ async def _start_extras(args: argparse.Namespace, hba: Hba, portal: TargetPortal
     from target.portal import format_address
 
     extras = _Extras()
-    if args.metrics is not None:
-        host, port = args.metrics
+    hba = hbas[0]
+    if config.metrics is not None:
+        host, port = config.metrics
         extras.metrics = MetricsServer(build_registry(hba, portal), host, port)
         try:
             addresses = await extras.metrics.start()
@@ -279,14 +341,17 @@ async def _start_extras(args: argparse.Namespace, hba: Hba, portal: TargetPortal
         urls = [f"http://{format_address(h, p)}/metrics" for h, p in addresses]
         info["metrics"] = urls
         log.info("metrics listening", urls=urls)
-    if not args.no_control:
-        explicit = args.control_socket is not None
+    if config.control:
+        explicit = config.control_socket is not None
         # An ephemeral portal port (0) is unknown until bound: name the socket by our pid then.
-        path = Path(args.control_socket).absolute() if explicit else \
-            default_socket_path(portal_port) if portal_port else \
-            default_socket_path(3260).with_name(f"pid-{os.getpid()}.sock")
+        if config.control_socket is not None:
+            path = Path(config.control_socket).absolute()
+        elif portal_port:
+            path = default_socket_path(portal_port)
+        else:
+            path = default_socket_path(3260).with_name(f"pid-{os.getpid()}.sock")
         info["control_socket"] = str(path)
-        extras.control = ControlServer(Controller(hba, portal, info=info), path,
+        extras.control = ControlServer(Controller(hbas, portal, info=info), path,
                                        private_directory=not explicit)
         try:
             await extras.control.start()
@@ -297,13 +362,6 @@ async def _start_extras(args: argparse.Namespace, hba: Hba, portal: TargetPortal
             await extras.close()
             return None
     return extras
-
-
-def _describe(spec: tuple[str, str | int, int | None]) -> str:
-    kind, value, size = spec
-    if kind == "ram":
-        return f"ram {value} bytes"
-    return f"file {value}" + (f" ({size} bytes)" if size else "")
 
 
 # ------------------------------------------------------------------------------------ ctl
@@ -326,6 +384,9 @@ def _ctl_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         default=10.0 if top else argparse.SUPPRESS,
                         help="how long to wait for the server")
+    parser.add_argument("--adapter", metavar="NAME", default=default,
+                        help="the adapter a command addresses, when the server has several "
+                             "(default: the first)")
 
 
 def _add_ctl_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -376,10 +437,116 @@ def _add_ctl_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     depth_lun.add_argument("depth", type=int, metavar="DEPTH")
 
 
+    _add_controller_commands(commands, leaf)
+
+
+if TYPE_CHECKING:
+    Leaf = Callable[[argparse._SubParsersAction[argparse.ArgumentParser], str, str],
+                    argparse.ArgumentParser]
+
+
+def _add_controller_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+                             leaf: Leaf) -> None:
+    """The emulated controller's own controls (faults, link, timing): requests that the server
+    passes to the miniport as IOCTLs."""
+    leaf(commands, "controller", "the emulated controller: slots, latency model, link state, "
+                                 "armed faults, and what its kind adds (RAID arrays, fabric)")
+    fault = commands.add_parser(
+        "fault", help="arm, list or clear injected faults",
+        description="Faults of the emulated controller, live. A LUN is L or PATH:TARGET:LUN; "
+                    "'all' means every unit of the controller.")
+    kinds = fault.add_subparsers(dest="fault_kind", metavar="KIND", required=True)
+    leaf(kinds, "list", "armed faults with what is left of them")
+    busy = leaf(kinds, "busy", "the next N commands end with SCSI BUSY (the port retries them)")
+    busy.add_argument("unit", metavar="L|all")
+    busy.add_argument("--count", type=int, required=True, metavar="N")
+    medium = leaf(kinds, "medium-error",
+                  "reads of an LBA range fail with MEDIUM ERROR / UNRECOVERED READ ERROR, the "
+                  "first bad LBA in the sense INFORMATION field")
+    medium.add_argument("unit", metavar="L|all")
+    medium.add_argument("--lba", required=True, metavar="FIRST[-LAST]",
+                        help="bad LBA range, inclusive")
+    medium.add_argument("--writes", action="store_true",
+                        help="writes to the range fail too (MEDIUM ERROR / WRITE ERROR)")
+    medium.add_argument("--writes-only", action="store_true", help="only writes fail")
+    latency = leaf(kinds, "latency", "add seconds to every command (0 removes it)")
+    latency.add_argument("unit", metavar="L|all")
+    latency.add_argument("--seconds", type=float, required=True, metavar="S")
+    clear = leaf(kinds, "clear", "disarm faults (all of them without options)")
+    clear.add_argument("unit", metavar="L|all", nargs="?", default="all")
+    clear.add_argument("--kind", choices=("busy", "medium-error", "latency"))
+    link = commands.add_parser("link", help="take the controller's link down or up",
+                               description="Link down pauses the adapter for at most the "
+                                           "link-down timeout; past it, requests fail with a "
+                                           "status initiators retry (NOT READY, becoming ready).")
+    states = link.add_subparsers(dest="link_state", metavar="down|up", required=True)
+    down = leaf(states, "down", "take the link down")
+    down.add_argument("--seconds", type=float, metavar="T",
+                      help="bring it back up by itself after T seconds")
+    leaf(states, "up", "bring the link back up now")
+    timing = leaf(commands, "latency", "set the controller's latency model")
+    timing.add_argument("--fixed-ms", type=float, default=0.0, metavar="MS",
+                        help="per command")
+    timing.add_argument("--per-kib-us", type=float, default=0.0, metavar="US",
+                        help="per KiB transferred")
+    timing.add_argument("--seek-ms", type=float, default=0.0, metavar="MS",
+                        help="full-stroke seek, scaled by head travel")
+
+
+def _lba_range(text: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    try:
+        a = int(first, 0)
+        b = int(last, 0) if last else a
+    except ValueError:
+        raise SystemExit(f"emuhba ctl: --lba takes FIRST or FIRST-LAST, not {text!r}") from None
+    return a, b
+
+
+def _unit_request(unit: str) -> dict[str, object]:
+    return {} if unit == "all" else {"lun": unit}
+
+
+def _controller_request(args: argparse.Namespace) -> tuple[str, dict[str, object]] | None:
+    command: str = args.ctl_command
+    if command == "controller":
+        return "miniport", {"code": "controller"}
+    if command == "latency":
+        return "miniport", {"code": "latency.set", "args": {
+            "fixed_s": args.fixed_ms / 1e3, "per_kib_s": args.per_kib_us / 1e6,
+            "seek_s": args.seek_ms / 1e3}}
+    if command == "link":
+        if args.link_state == "up":
+            return "miniport", {"code": "link.up"}
+        return "miniport", {"code": "link.down", "args": {"seconds": args.seconds}}
+    if command != "fault":
+        return None
+    kind: str = args.fault_kind
+    if kind == "list":
+        return "miniport", {"code": "fault.list"}
+    request = _unit_request(args.unit)
+    if kind == "busy":
+        request["args"] = {"count": args.count}
+    elif kind == "medium-error":
+        first, last = _lba_range(args.lba)
+        request["args"] = {"first_lba": first, "last_lba": last,
+                           "reads": not args.writes_only,
+                           "writes": bool(args.writes or args.writes_only)}
+    elif kind == "latency":
+        request["args"] = {"seconds": args.seconds}
+    elif kind == "clear":
+        request["args"] = {"kind": args.kind}
+    request["code"] = f"fault.{kind}"
+    return "miniport", request
+
+
 def _ctl_request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
     command: str = args.ctl_command
     if command in ("status", "luns", "sessions"):
         return command, {}
+    controller = _controller_request(args)
+    if controller is not None:
+        return controller
     if command == "set-depth":
         return "set_depth", {"lun": args.lun, "depth": args.depth}
     request: dict[str, object] = {"scope": args.scope}
@@ -400,6 +567,8 @@ def run_ctl(args: argparse.Namespace, out: TextIO | None = None,
     err = err or sys.stderr
     path = find_socket(args.socket, args.port)
     command, request = _ctl_request(args)
+    if args.adapter is not None:
+        request["adapter"] = args.adapter
     try:
         with ControlClient(path, timeout=args.timeout) as client:
             result = client.request(command, **request)
@@ -479,8 +648,55 @@ _SESSION_COLUMNS = (
 )
 
 
+def _render_faults(faults: Sequence[dict[str, Any]]) -> str:
+    if not faults:
+        return "no faults armed\n"
+    rows = []
+    for f in faults:
+        if f["kind"] == "busy":
+            what = f"{f['remaining']} command(s) left"
+        elif f["kind"] == "latency":
+            what = f"+{f['seconds'] * 1e3:g} ms"
+        else:
+            ops = "/".join(op for op in ("reads", "writes") if f.get(op))
+            what = f"LBA {f['first_lba']}-{f['last_lba']} ({ops}), {f['hits']} hit(s)"
+        rows.append([f["kind"], f["unit"], what])
+    return format_table(["FAULT", "UNIT", "DETAIL"], rows)
+
+
+def _render_controller(result: dict[str, Any]) -> str:
+    link = result.get("link", {})
+    left = link.get("seconds_left")
+    link_text = "up" if link.get("up") else "DOWN" + (f" ({left:.1f} s left)" if left else "")
+    latency = result.get("latency")
+    lines = [f"miniport {result.get('miniport')}: {result.get('slots_in_use')}/"
+             f"{result.get('slots')} slots in use, {result.get('commands')} commands, "
+             f"{result.get('busy_rejections')} slot-full rejections",
+             f"link {link_text}, {link.get('downs', 0)} down event(s), "
+             f"{link.get('rejected_while_down', 0)} request(s) failed while down, "
+             f"timeout {result.get('link_down_timeout_s')} s",
+             f"latency {latency}"]
+    for key in ("arrays", "fabric"):
+        if result.get(key) is not None:
+            lines.append(f"{key}: {json.dumps(result[key], sort_keys=True)}")
+    return "\n".join(lines) + "\n" + _render_faults(result.get("faults", []))
+
+
 def render_ctl(command: str, result: Any) -> str:
     """The human form of a ctl answer."""
+    if command == "controller":
+        return _render_controller(result)
+    if command == "fault":
+        faults = result["faults"] if isinstance(result, dict) else result
+        prefix = f"cleared {result['cleared']}\n" if isinstance(result, dict) else ""
+        return prefix + _render_faults(faults)
+    if command == "link":
+        left = result.get("seconds_left")
+        return ("link up\n" if result.get("up") else
+                "link down" + (f", up again in {left:.1f} s\n" if left else "\n"))
+    if command == "latency":
+        return (f"latency: fixed {result['fixed_s'] * 1e3:g} ms, per KiB "
+                f"{result['per_kib_s'] * 1e6:g} us, full seek {result['seek_s'] * 1e3:g} ms\n")
     if command == "luns":
         rows = [[_ms(unit.get(key)) if key.endswith("_s") else unit.get(key)
                  for _, key in _LUN_COLUMNS] + [_state_text(unit)] for unit in result]
@@ -562,15 +778,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         code: int = args.bench_main(args)
         return code
-    configure_logging(args.log_format, args.log_level)
+    config: ServerConfig | None = None
+    if args.command == "serve" and args.config is not None:
+        from emuhba.config import ConfigError, load_config
+
+        refused = _check_config_flags(args)
+        if refused:
+            parser.error(refused)
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"emuhba serve: {len(exc.problems)} problem(s) in the config:\n{exc}",
+                  file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"emuhba serve: cannot read {args.config}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
+    configure_logging(args.log_format or (config.log_format if config else None) or "console",
+                      args.log_level or (config.log_level if config else None) or "info")
     if args.command == "serve":
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a hard dependency; degrade, say so
             log.warning("uvloop not available, using the default event loop")
-            return asyncio.run(serve(args))
+            return asyncio.run(serve(args, config))
         with contextlib.suppress(KeyboardInterrupt):
-            return uvloop.run(serve(args))
+            return uvloop.run(serve(args, config))
         return 0
     parser.print_help()
     return 2

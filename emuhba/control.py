@@ -31,14 +31,14 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from emuhba.miniport import MAX_QUEUE_DEPTH_CLASSIC, PORT_MODEL_STORPORT
+from emuhba.miniport import MAX_QUEUE_DEPTH_CLASSIC, PORT_MODEL_STORPORT, MiniportIoctlError
 
 if TYPE_CHECKING:
     from emuhba.hba import Hba
@@ -446,9 +446,14 @@ class Controller:
     into the port), so it needs no locking against the I/O path.
     """
 
-    def __init__(self, hba: Hba, portal: TargetPortal | None = None, *,
+    def __init__(self, hbas: Hba | Sequence[Hba], portal: TargetPortal | None = None, *,
                  info: Mapping[str, Any] | None = None) -> None:
-        self.hba = hba
+        self.hbas: list[Hba] = list(hbas) if isinstance(hbas, Sequence) else [hbas]
+        if not self.hbas:
+            raise ValueError("a controller needs at least one adapter")
+        # The adapter the request in progress addresses (every request runs to completion on
+        # the loop thread, one at a time): the first one unless it names another.
+        self.hba = self.hbas[0]
         self.portal = portal
         # Shared, not copied: the server adds what it learns after start (bound portals).
         self.info: Mapping[str, Any] = info if info is not None else {}
@@ -463,6 +468,7 @@ class Controller:
             "busy": (self._busy, frozenset({"scope", "lun", "requests"})),
             "ready": (self._ready, frozenset({"scope", "lun"})),
             "set_depth": (self._set_depth, frozenset({"lun", "depth"})),
+            "miniport": (self._miniport, frozenset({"code", "args", "lun"})),
         }
 
     @property
@@ -473,7 +479,8 @@ class Controller:
     def default_target(self) -> tuple[int, int]:
         if self.portal is not None:
             for node in self.portal.nodes.values():
-                return (node.path_id, node.target_id)
+                if node.backend is self.hba:
+                    return (node.path_id, node.target_id)
         targets = self.hba.targets()
         return targets[0] if targets else (0, 0)
 
@@ -521,10 +528,23 @@ class Controller:
             args = {}
         if not isinstance(args, dict):
             raise ControlError("bad_request", "'args' must be a JSON object")
-        unknown = sorted(set(args) - allowed)
+        unknown = sorted(set(args) - allowed - {"adapter"})
         if unknown:
             raise ControlError("bad_argument", f"{command} takes no argument {unknown[0]!r}")
-        return handler(args)
+        self.hba = self._adapter(args.get("adapter"))
+        try:
+            return handler(args)
+        finally:
+            self.hba = self.hbas[0]
+
+    def _adapter(self, name: object) -> Hba:
+        if name is None:
+            return self.hbas[0]
+        for hba in self.hbas:
+            if hba.name == name:
+                return hba
+        raise ControlError("unknown_adapter", f"no adapter {name!r} (adapters: "
+                                              f"{', '.join(h.name for h in self.hbas)})")
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -582,21 +602,24 @@ class Controller:
         targets: list[dict[str, Any]] = []
         if self.portal is not None:
             for node in self.portal.nodes.values():
+                adapter = next((h for h in self.hbas if h is node.backend), None)
                 targets.append({"name": node.name, "alias": node.alias, "path_id": node.path_id,
                                 "target_id": node.target_id,
-                                "luns": self.hba.luns(node.path_id, node.target_id)})
+                                "adapter": adapter.name if adapter is not None else None,
+                                "luns": node.luns()})
         else:
-            for path_id, target_id in self.hba.targets():
-                targets.append({"name": None, "alias": None, "path_id": path_id,
-                                "target_id": target_id,
-                                "luns": self.hba.luns(path_id, target_id)})
+            for hba in self.hbas:
+                for path_id, target_id in hba.targets():
+                    targets.append({"name": None, "alias": None, "path_id": path_id,
+                                    "target_id": target_id, "adapter": hba.name,
+                                    "luns": hba.luns(path_id, target_id)})
         sessions = list(self.portal.sessions.values()) if self.portal is not None else []
         return {
             "version": _package_version(),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "port_model": port.model,
-            "adapters": [adapter_snapshot(self.hba)],
+            "adapters": [adapter_snapshot(hba) for hba in self.hbas],
             "targets": targets,
             "sessions": [_session_line(s) for s in sessions],
             **self.info,
@@ -688,6 +711,27 @@ class Controller:
                  previous=before)
         result = self._unit_result(lq)
         result["previous_queue_depth"] = before
+        return result
+
+
+    def _miniport(self, args: Mapping[str, Any]) -> Any:
+        """A management request for the emulated controller (faults, link, RAID, fabric),
+        passed down as the miniport's IOCTL. ``lun`` (L or P:T:L) becomes the ``unit``
+        address the miniport expects."""
+        code = _arg(args, "code")
+        if not isinstance(code, str):
+            raise ControlError("bad_argument", "'code' must be a string")
+        ioctl_args = args.get("args", {}) or {}
+        if not isinstance(ioctl_args, dict):
+            raise ControlError("bad_argument", "'args' must be a JSON object")
+        if "lun" in args and args["lun"] is not None:
+            ioctl_args = {**ioctl_args,
+                          "unit": list(parse_lun_address(args["lun"], self.default_target))}
+        try:
+            result = self.hba.miniport_ioctl(code, ioctl_args)
+        except MiniportIoctlError as exc:
+            raise ControlError(exc.code.replace("-", "_"), exc.message) from None
+        log.info("control_miniport", code=code, args=ioctl_args)
         return result
 
 

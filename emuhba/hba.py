@@ -18,7 +18,7 @@ to send ``scsi_status``/``sense``/``residual`` (or nothing, for an aborted task)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final
 
 import structlog
@@ -171,6 +171,14 @@ class Hba:
             if lq is not None:
                 total += lq.queue_depth
         return total
+
+    def miniport_ioctl(self, code: str, args: Mapping[str, Any] | None = None) -> Any:
+        """A management request for the miniport's controller (see Miniport.hw_ioctl)."""
+        return self._port.miniport_ioctl(code, args or {})
+
+    @property
+    def miniport_name(self) -> str:
+        return self._miniport.name
 
     # ------------------------------------------------------------------------------- the I/O
 

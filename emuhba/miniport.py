@@ -8,7 +8,7 @@ below the miniport and are never visible to the port.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol, TypeVar
@@ -112,6 +112,15 @@ class PortServices(Protocol):
     def ready(self) -> None: ...
 
 
+class MiniportIoctlError(Exception):
+    """A miniport refused an IOCTL: ``code`` says why in one word, the message in words."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class Miniport(ABC):
     """A miniport driver: the Hw* routines the port driver calls.
 
@@ -164,6 +173,14 @@ class Miniport(ABC):
         if control is AdapterControl.QUERY_SUPPORTED_CONTROL_TYPES:
             return {AdapterControl.QUERY_SUPPORTED_CONTROL_TYPES}
         return None
+
+    def hw_ioctl(self, code: str, args: Mapping[str, Any]) -> Any:
+        """IOCTL_SCSI_MINIPORT: a management request for the controller (faults, RAID members,
+        fabric changes), answered with plain data. Runs on the port's loop, exclusive with the
+        interrupt routine. ``code`` names the request; unknown codes raise
+        :class:`MiniportIoctlError` ("unsupported")."""
+        raise MiniportIoctlError("unsupported",
+                                 f"miniport {self.name} supports no control code {code!r}")
 
     def hw_free_adapter_resources(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Final teardown (flush and close backing files)."""

@@ -61,7 +61,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, NamedTuple, TypeVar
 
 import structlog
@@ -72,6 +72,7 @@ from emuhba.miniport import (
     PORT_MODEL_STORPORT,
     AdapterControl,
     Miniport,
+    MiniportIoctlError,
     PortConfiguration,
 )
 from emuhba.scsi.cdb import decode_into, decode_lun
@@ -1101,6 +1102,13 @@ class PortDriver:
         dpc = self._dpc
         while dpc:
             self._complete(dpc.popleft())
+
+    def miniport_ioctl(self, code: str, args: Mapping[str, Any]) -> Any:
+        """Pass a management request to the miniport (IOCTL_SCSI_MINIPORT), exclusive with its
+        interrupt routine. Raises MiniportIoctlError when the miniport refuses it."""
+        if not self.started:
+            raise MiniportIoctlError("not-started", "the adapter has not started")
+        return self.synchronize_access(lambda: self.miniport.hw_ioctl(code, args))
 
     def synchronize_access(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` exclusive with the miniport's interrupt routine (any thread)."""

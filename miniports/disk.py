@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Final, Self
 
 import structlog
@@ -38,17 +39,19 @@ from emuhba.miniport import (
     PORT_MODEL_SCSIPORT,
     AdapterControl,
     Miniport,
+    MiniportIoctlError,
     PortConfiguration,
     PortServices,
 )
 from emuhba.scsi.sense import REPORTED_LUNS_DATA_CHANGED
 from emuhba.srb import ResetKind, Srb, SrbFunction, SrbStatus
+from miniports.hwmodel import Faults, HeadPositions, LatencyModel
 from miniports.lu import LogicalUnit
 from miniports.store import BlockStore, FileStore, RamStore
 
 Address = tuple[int, int, int]
 Irq = Callable[[], None]
-Latency = float | Callable[[Srb], float]
+Latency = float | LatencyModel | Callable[[Srb], float]
 UnitMap = Mapping[Address, LogicalUnit]
 
 log = structlog.get_logger("emuhba.miniport.disk")
@@ -98,16 +101,26 @@ class EmulatedDiskController:
         # Kept as given when it is a dict: units built by build_units answer REPORT LUNS from it.
         self.units: dict[Address, LogicalUnit] = made if isinstance(made, dict) else dict(made)
         self.slots = slots
-        self.latency_s = latency_s
         self.workers = workers
         self.threaded_completions = threaded_completions
         self.start_cost_s = start_cost_s
         self.interrupt_cost_s = interrupt_cost_s
         self._irq = irq
+        self.faults = Faults()
+        # Link state as the host side of the controller sees it; the miniport learns of changes
+        # from ``events`` (drained by its interrupt routine) and pauses/resumes the adapter.
+        self.link_up = True
+        self.link_downs = 0
+        self.link_down_rejections = 0
+        self._link_timer: asyncio.TimerHandle | None = None
+        self.events: deque[str] = deque()
         self._stores: dict[Address, BlockStore] = dict(stores or {})
         for address, lu in self.units.items():
             self._stores.setdefault(address, lu.store)
         self._targets = {(p, t) for p, t, _ in self.units}
+        self._heads: HeadPositions | None = None
+        self.latency_s: float | Callable[[Srb], float] = 0.0
+        self._set_latency(latency_s)
         self._loop = loop
         self._executor: ThreadPoolExecutor | None = None
         self._ring: deque[Srb] = deque()
@@ -126,6 +139,85 @@ class EmulatedDiskController:
         self.busy_rejections = 0
         self.aborts = 0
         self.resets = 0
+
+    # ------------------------------------------------------------------- timing and faults
+
+    def _set_latency(self, latency: Latency) -> None:
+        self._heads = None
+        self.latency_model: LatencyModel | None = None
+        if isinstance(latency, LatencyModel):
+            self.latency_model = latency
+            if latency.seek_s or latency.per_kib_s:
+                self._heads = HeadPositions(latency, self._capacity_of)
+                self.latency_s = self._heads.delay
+            else:
+                self.latency_s = latency.fixed_s
+        elif callable(latency):
+            self.latency_s = latency
+        else:
+            self.latency_s = float(latency)
+            self.latency_model = LatencyModel(fixed_s=float(latency))
+
+    def _capacity_of(self, address: Address) -> int:
+        lu = self.units.get(address)
+        return lu.num_blocks if lu is not None else 0
+
+    def set_latency(self, model: LatencyModel) -> None:
+        """Change the timing model live (commands already waiting keep their deadline)."""
+        self._set_latency(model)
+
+    def link_down(self, seconds: float | None) -> None:
+        """Take the host link down, for ``seconds`` (None: until :meth:`link_restore`)."""
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"link-down time must be > 0 s, not {seconds!r}")
+        if self._link_timer is not None:
+            self._link_timer.cancel()
+            self._link_timer = None
+        if self.link_up:
+            self.link_up = False
+            self.link_downs += 1
+            self._event("link-down")
+        if seconds is not None:
+            self._link_timer = self.loop.call_later(seconds, self.link_restore)
+
+    def link_restore(self) -> None:
+        if self._link_timer is not None:
+            self._link_timer.cancel()
+            self._link_timer = None
+        if not self.link_up:
+            self.link_up = True
+            self._event("link-up")
+
+    def link_seconds_left(self) -> float | None:
+        timer = self._link_timer
+        if timer is None or timer.cancelled():
+            return None
+        return max(0.0, timer.when() - self.loop.time())
+
+    def link_state(self) -> dict[str, Any]:
+        return {"up": self.link_up, "downs": self.link_downs,
+                "rejected_while_down": self.link_down_rejections,
+                "seconds_left": self.link_seconds_left()}
+
+    def _event(self, what: str) -> None:
+        """An asynchronous controller event (link state): queued and signalled like a
+        completion, so the miniport sees it in its interrupt routine."""
+        self.events.append(what)
+        self._irq()
+
+    def describe(self) -> dict[str, Any]:
+        """The controller as ``emuhba ctl controller`` shows it."""
+        model = self.latency_model
+        return {
+            "slots": self.slots, "slots_in_use": self.in_use, "commands": self.commands,
+            "busy_rejections": self.busy_rejections, "aborts": self.aborts,
+            "resets": self.resets,
+            "latency": model.describe() if model is not None else "custom",
+            "link": self.link_state(),
+            "faults": self.faults.describe(),
+            "busy_faults_given": self.faults.busy_given,
+            "units": ["{}:{}:{}".format(*a) for a in self.addresses()],
+        }
 
     # ---------------------------------------------------------------------------- topology
 
@@ -217,8 +309,21 @@ class EmulatedDiskController:
         if srb.function != SrbFunction.EXECUTE_SCSI:
             self._flush_unit(srb, address)
             return True
+        if not self.link_up:
+            # The miniport paused the adapter when the link went down; a request arriving
+            # anyway means that pause ran out (the link-down timeout): fail it retryably.
+            self.link_down_rejections += 1
+            srb.complete(SrbStatus.LINK_DOWN)
+            self.post(srb)
+            return True
         latency = self.latency_s
         delay = latency(srb) if callable(latency) else latency
+        faults = self.faults
+        if faults.busy or faults.medium or faults.latency:
+            if faults.intercept(srb, lu):
+                self.post(srb)
+                return True
+            delay += faults.added_latency(srb)
         if delay > 0:
             self._waiting[srb] = self.loop.call_later(delay, self._begin, srb, lu)
         else:
@@ -338,6 +443,17 @@ class EmulatedDiskController:
             lu.nexus_gone(nexus)
 
 
+@dataclass(frozen=True)
+class TargetLayout:
+    """One target of a controller: its address, the port name its units report in VPD 83h,
+    and its LUN map of (lun, store, read_only)."""
+
+    path_id: int
+    target_id: int
+    port_name: str
+    luns: Sequence[tuple[int, BlockStore, bool]]
+
+
 class DiskMiniport(Miniport):
     """A miniport for :class:`EmulatedDiskController`.
 
@@ -359,8 +475,12 @@ class DiskMiniport(Miniport):
         queue_depth: int = 64,
         busy_requests: int = 1,
         maximum_transfer_length: int = 8 * 1024 * 1024,
+        link_down_timeout: float = 30.0,
     ) -> None:
+        if not link_down_timeout > 0:
+            raise ValueError(f"link-down timeout must be > 0 s, not {link_down_timeout!r}")
         self._factory = controller_factory
+        self.link_down_timeout = link_down_timeout
         self.queue_depth = queue_depth
         self.busy_requests = busy_requests
         self.maximum_transfer_length = maximum_transfer_length
@@ -432,6 +552,42 @@ class DiskMiniport(Miniport):
                                           interrupt_cost_s=interrupt_cost_s)
 
         return cls(build, queue_depth=queue_depth)
+
+    @classmethod
+    def from_targets(
+        cls,
+        targets: Sequence[TargetLayout],
+        *,
+        slots: int = 1024,
+        latency_s: Latency = 0.0,
+        workers: int = 4,
+        queue_depth: int = 64,
+        link_down_timeout: float = 30.0,
+    ) -> Self:
+        """A controller with several targets, each with its own LUN map over stores the caller
+        opened (and hands over: the controller closes them)."""
+        units: dict[Address, LogicalUnit] = {}
+        stores: dict[Address, BlockStore] = {}
+
+        # Live over the final map, so REPORT LUNS follows units attached later.
+        def luns_of(path_id: int, target_id: int) -> Callable[[], list[int]]:
+            return lambda: sorted(a[2] for a in units if a[:2] == (path_id, target_id))
+
+        for target in targets:
+            for lun, store, read_only in target.luns:
+                address = (target.path_id, target.target_id, lun)
+                if address in units:
+                    raise ValueError("two units at {}:{}:{}".format(*address))
+                stores[address] = store
+                units[address] = LogicalUnit(
+                    store, lun=lun, target_luns=luns_of(target.path_id, target.target_id),
+                    serial=unit_serial(target.port_name, *address),
+                    target_port_name=target.port_name, read_only=read_only)
+
+        def build(irq: Irq) -> EmulatedDiskController:
+            return EmulatedDiskController(units, slots, latency_s, workers, irq=irq, stores=stores)
+
+        return cls(build, queue_depth=queue_depth, link_down_timeout=link_down_timeout)
 
     # -------------------------------------------------------------------------- Hw routines
 
@@ -549,6 +705,8 @@ class DiskMiniport(Miniport):
 
     def hw_interrupt(self) -> bool:
         controller = self.controller
+        if controller.events:
+            self._link_events(controller)
         complete = self.port.request_complete
         reap = controller.reap
         cost = controller.interrupt_cost_s
@@ -559,6 +717,99 @@ class DiskMiniport(Miniport):
                 spend(cost)
             complete(srb)
         return serviced
+
+    def _link_events(self, controller: EmulatedDiskController) -> None:
+        """Link down pauses the adapter (for at most the link-down timeout) so that a link
+        blip costs the initiator latency, not errors; link up resumes it."""
+        port = self.port
+        while controller.events:
+            event = controller.events.popleft()
+            if event == "link-down":
+                log.warning("link_down", miniport=self.name, timeout_s=self.link_down_timeout)
+                port.pause(self.link_down_timeout)
+            elif event == "link-up":
+                log.info("link_up", miniport=self.name)
+                port.resume()
+
+    # ------------------------------------------------------------------------------- ioctls
+
+    def hw_ioctl(self, code: str, args: Mapping[str, Any]) -> Any:
+        handler = self._ioctls().get(code)
+        if handler is None:
+            raise MiniportIoctlError(
+                "unsupported", f"miniport {self.name} has no control {code!r}; it has: "
+                + ", ".join(sorted(self._ioctls())))
+        try:
+            return handler(args)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise MiniportIoctlError("bad-argument", f"{code}: {exc}") from exc
+
+    def _ioctls(self) -> dict[str, Callable[[Mapping[str, Any]], Any]]:
+        return {
+            "controller": self._ioctl_controller,
+            "fault.list": lambda args: self.controller.faults.describe(),
+            "fault.busy": self._ioctl_busy,
+            "fault.medium-error": self._ioctl_medium_error,
+            "fault.latency": self._ioctl_latency,
+            "fault.clear": self._ioctl_clear,
+            "link.down": self._ioctl_link_down,
+            "link.up": self._ioctl_link_up,
+            "latency.set": self._ioctl_set_latency,
+        }
+
+    def _ioctl_controller(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"miniport": self.name, "link_down_timeout_s": self.link_down_timeout,
+                **self.controller.describe()}
+
+    def _unit_arg(self, args: Mapping[str, Any]) -> Address | None:
+        unit = args.get("unit")
+        if unit is None:
+            return None
+        address = (int(unit[0]), int(unit[1]), int(unit[2]))
+        if address not in self.controller.units:
+            raise MiniportIoctlError("no-unit", "no logical unit at {}:{}:{}".format(*address))
+        return address
+
+    def _ioctl_busy(self, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+        self.controller.faults.arm_busy(self._unit_arg(args), int(args["count"]))
+        return self.controller.faults.describe()
+
+    def _ioctl_medium_error(self, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+        unit = self._unit_arg(args)
+        first = int(args["first_lba"])
+        last = int(args.get("last_lba", first))
+        if unit is not None and last >= self.controller.units[unit].num_blocks:
+            raise ValueError(f"LBA {last} is past the unit's last LBA "
+                             f"{self.controller.units[unit].num_blocks - 1}")
+        self.controller.faults.arm_medium_error(
+            unit, first, last, reads=bool(args.get("reads", True)),
+            writes=bool(args.get("writes", False)))
+        return self.controller.faults.describe()
+
+    def _ioctl_latency(self, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+        self.controller.faults.arm_latency(self._unit_arg(args), float(args["seconds"]))
+        return self.controller.faults.describe()
+
+    def _ioctl_clear(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        unit = self._unit_arg(args)
+        removed = self.controller.faults.clear(args.get("kind"), unit, every_unit=unit is None)
+        return {"cleared": removed, "faults": self.controller.faults.describe()}
+
+    def _ioctl_link_down(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        seconds = args.get("seconds")
+        self.controller.link_down(None if seconds is None else float(seconds))
+        return self.controller.link_state()
+
+    def _ioctl_link_up(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        self.controller.link_restore()
+        return self.controller.link_state()
+
+    def _ioctl_set_latency(self, args: Mapping[str, Any]) -> dict[str, float]:
+        model = LatencyModel(fixed_s=float(args.get("fixed_s", 0.0)),
+                             per_kib_s=float(args.get("per_kib_s", 0.0)),
+                             seek_s=float(args.get("seek_s", 0.0)))
+        self.controller.set_latency(model)
+        return model.describe()
 
     def hw_reset_bus(self, path_id: int) -> bool:
         self.controller.reset(path_id, None, None, ResetKind.BUS, SrbStatus.BUS_RESET)

@@ -413,6 +413,11 @@ class LogicalUnit:
             _log.exception("lu_command_crashed", lun=self._lun, cdb=bytes(srb.cdb).hex())
             self._fail(srb, S.INTERNAL_TARGET_FAILURE)
 
+    def unit_attention_pending(self, nexus: int) -> bool:
+        """Whether the next command from ``nexus`` would be answered with a unit attention
+        (a nexus never seen has its power-on one pending)."""
+        return nexus not in self._clear
+
     def needs_blocking_io(self, srb: Srb) -> bool:
         """True when ``execute(srb)`` will touch a store whose I/O may block (run it off the loop)."""
         if not self._blocking:

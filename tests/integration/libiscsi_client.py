@@ -71,6 +71,7 @@ def load() -> ctypes.CDLL:
         "iscsi_set_log_level": (None, [p, i]),
         "iscsi_set_log_fn": (None, [p, _LOG_FN]),
         "iscsi_full_connect_sync": (i, [p, ctypes.c_char_p, i]),
+        "iscsi_set_noautoreconnect": (None, [p, i]),
         "iscsi_logout_sync": (i, [p]),
         "iscsi_get_error": (ctypes.c_char_p, [p]),
         "iscsi_scsi_command_sync": (p, [p, i, p, p]),
@@ -110,6 +111,7 @@ class Session:
         lun: int = 0,
         initiator: str = "iqn.2026-11.io.emuhba:pytest",
         header_digest: str = "none-crc32c",
+        reconnect: bool = True,
     ) -> None:
         self._lib = load()
         self.login_log: list[str] = []
@@ -127,6 +129,10 @@ class Session:
         self._check(
             self._lib.iscsi_set_header_digest(self._ctx, HEADER_DIGESTS[header_digest]), "digest"
         )
+        if not reconnect:
+            # A lost connection fails the command in progress at once instead of libiscsi
+            # logging in again behind the caller's back (crash tests want to see the loss).
+            self._lib.iscsi_set_noautoreconnect(self._ctx, 1)
         if self._lib.iscsi_full_connect_sync(self._ctx, portal.encode(), lun) != 0:
             error = self.error()
             self._lib.iscsi_destroy_context(self._ctx)

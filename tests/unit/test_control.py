@@ -157,7 +157,7 @@ async def test_status_shows_model_adapter_targets_and_info(controller: Controlle
     assert adapter["state"] == "ready"
     assert adapter["units"] == 2
     assert status["targets"] == [{"name": IQN, "alias": None, "path_id": 0, "target_id": 0,
-                                  "luns": [0, 1]}]
+                                  "adapter": "hba0", "luns": [0, 1]}]
     assert status["sessions"] == []
     assert status["portals"] == ["127.0.0.1:3260"]
     assert status["pid"] == os.getpid()
