@@ -265,6 +265,7 @@ async def serve(args: argparse.Namespace, config: ServerConfig | None = None) ->
                           data_digests=DIGEST_POLICIES[config.data_digest])
     settings = PortalSettings(limits=limits, advertise=list(config.advertise))
     portal = TargetPortal(installation.nodes, settings)
+    installation.attach_portal(portal)
     server = TargetServer(portal)
     portals = list(config.portals)
     # Control and metrics come up before the portals, so that a server that accepts iSCSI
@@ -329,10 +330,9 @@ async def _start_extras(config: ServerConfig, hbas: list[Hba], portal: TargetPor
     from target.portal import format_address
 
     extras = _Extras()
-    hba = hbas[0]
     if config.metrics is not None:
         host, port = config.metrics
-        extras.metrics = MetricsServer(build_registry(hba, portal), host, port)
+        extras.metrics = MetricsServer(build_registry(hbas, portal), host, port)
         try:
             addresses = await extras.metrics.start()
         except OSError as exc:
@@ -484,6 +484,51 @@ def _add_controller_commands(commands: argparse._SubParsersAction[argparse.Argum
     down.add_argument("--seconds", type=float, metavar="T",
                       help="bring it back up by itself after T seconds")
     leaf(states, "up", "bring the link back up now")
+    raid = commands.add_parser("raid", help="RAID controller: arrays, members, rebuilds",
+                               description="The emulated RAID controller's arrays (only on an "
+                                           "adapter whose controller is of kind raid).")
+    raid_verbs = raid.add_subparsers(dest="raid_verb", metavar="VERB", required=True)
+    leaf(raid_verbs, "status", "arrays: level, state, members, rebuild progress, cache")
+    fail = leaf(raid_verbs, "fail-member", "take a member disk out (the drive runs degraded)")
+    fail.add_argument("array")
+    fail.add_argument("member", type=int)
+    replace = leaf(raid_verbs, "replace-member",
+                   "put a new disk in a failed member's slot and rebuild onto it")
+    replace.add_argument("array")
+    replace.add_argument("member", type=int)
+    replace.add_argument("--file", metavar="PATH", help="a file disk (created sparse); "
+                                                        "default: a RAM disk")
+    replace.add_argument("--size", type=parse_size, metavar="SIZE",
+                         help="default: what the array needs per member")
+    rate = leaf(raid_verbs, "rebuild-rate", "pace rebuilds (0: as fast as the disks go)")
+    rate.add_argument("mib_per_s", type=float, metavar="MIB_PER_S")
+    fc = commands.add_parser("fc", help="FC controller: fabric, remote ports, LUNs",
+                             description="The emulated Fibre Channel fabric (only on an adapter "
+                                         "whose controller is of kind fc). A remote port is "
+                                         "named by its WWPN or BUS:TARGET.")
+    fc_verbs = fc.add_subparsers(dest="fc_verb", metavar="VERB", required=True)
+    leaf(fc_verbs, "fabric", "the HBA's names and the remote ports with their LUNs")
+    add_lun = leaf(fc_verbs, "add-lun", "map a new LUN on a remote port (RSCN to the initiator)")
+    add_lun.add_argument("remote_port", metavar="WWPN|BUS:TARGET")
+    add_lun.add_argument("--lun", type=int, help="default: the lowest free one")
+    add_lun.add_argument("--ram", type=parse_size, metavar="SIZE")
+    add_lun.add_argument("--file", metavar="PATH[,SIZE]")
+    remove_lun = leaf(fc_verbs, "remove-lun", "unmap a LUN (RSCN to the initiator)")
+    remove_lun.add_argument("remote_port", metavar="WWPN|BUS:TARGET")
+    remove_lun.add_argument("lun", type=int)
+    add_port = leaf(fc_verbs, "add-port", "a remote port logs in to the fabric")
+    add_port.add_argument("wwpn")
+    add_port.add_argument("--bus", type=int, default=0)
+    add_port.add_argument("--target-id", type=int, required=True)
+    add_port.add_argument("--ram-luns", metavar="COUNTxSIZE", required=True,
+                          help="its LUNs, e.g. 4x64M")
+    remove_port = leaf(fc_verbs, "remove-port", "a remote port leaves the fabric for good")
+    remove_port.add_argument("remote_port", metavar="WWPN|BUS:TARGET")
+    offline = leaf(fc_verbs, "port-offline", "a remote port drops off the fabric")
+    offline.add_argument("remote_port", metavar="WWPN|BUS:TARGET")
+    offline.add_argument("--seconds", type=float, metavar="T", help="back by itself after T s")
+    online = leaf(fc_verbs, "port-online", "bring an offline remote port back")
+    online.add_argument("remote_port", metavar="WWPN|BUS:TARGET")
     timing = leaf(commands, "latency", "set the controller's latency model")
     timing.add_argument("--fixed-ms", type=float, default=0.0, metavar="MS",
                         help="per command")
@@ -519,6 +564,10 @@ def _controller_request(args: argparse.Namespace) -> tuple[str, dict[str, object
         if args.link_state == "up":
             return "miniport", {"code": "link.up"}
         return "miniport", {"code": "link.down", "args": {"seconds": args.seconds}}
+    if command == "raid":
+        return "miniport", _raid_request(args)
+    if command == "fc":
+        return "miniport", _fc_request(args)
     if command != "fault":
         return None
     kind: str = args.fault_kind
@@ -538,6 +587,56 @@ def _controller_request(args: argparse.Namespace) -> tuple[str, dict[str, object
         request["args"] = {"kind": args.kind}
     request["code"] = f"fault.{kind}"
     return "miniport", request
+
+
+def _raid_request(args: argparse.Namespace) -> dict[str, object]:
+    verb: str = args.raid_verb
+    if verb == "status":
+        return {"code": "raid.status"}
+    if verb == "rebuild-rate":
+        return {"code": "raid.rebuild-rate", "args": {"mib_per_s": args.mib_per_s}}
+    body: dict[str, object] = {"array": args.array, "member": args.member}
+    if verb == "replace-member":
+        body["path"] = os.path.abspath(args.file) if args.file else None
+        body["size"] = args.size
+    return {"code": f"raid.{verb}", "args": body}
+
+
+def _port_ref(text: str) -> dict[str, object]:
+    if re.fullmatch(r"\d+:\d+", text.strip()):
+        return {"target": text.strip()}
+    return {"wwpn": text.strip()}
+
+
+def _fc_request(args: argparse.Namespace) -> dict[str, object]:
+    verb: str = args.fc_verb
+    if verb == "fabric":
+        return {"code": "fabric"}
+    if verb == "add-port":
+        count, _, size = args.ram_luns.lower().partition("x")
+        try:
+            luns = {"count": int(count), "size": parse_size(size)}
+        except (ValueError, argparse.ArgumentTypeError):
+            raise SystemExit(f"emuhba ctl: --ram-luns takes COUNTxSIZE (e.g. 4x64M), not "
+                             f"{args.ram_luns!r}") from None
+        return {"code": "fc.add-port", "args": {"wwpn": args.wwpn, "bus": args.bus,
+                                                "target_id": args.target_id, **luns}}
+    body = _port_ref(args.remote_port)
+    if verb == "add-lun":
+        if (args.ram is None) == (args.file is None):
+            raise SystemExit("emuhba ctl: fc add-lun takes one of --ram SIZE or --file PATH")
+        if args.lun is not None:
+            body["lun"] = args.lun
+        if args.ram is not None:
+            body.update(kind="ram", size=args.ram)
+        else:
+            spec = parse_file_lun(args.file)
+            body.update(kind="file", path=os.path.abspath(spec.path), size=spec.size)
+    elif verb == "remove-lun":
+        body["lun"] = args.lun
+    elif verb == "port-offline":
+        body["seconds"] = args.seconds
+    return {"code": f"fc.{verb}", "args": body}
 
 
 def _ctl_request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
@@ -676,14 +775,74 @@ def _render_controller(result: dict[str, Any]) -> str:
              f"{link.get('rejected_while_down', 0)} request(s) failed while down, "
              f"timeout {result.get('link_down_timeout_s')} s",
              f"latency {latency}"]
-    for key in ("arrays", "fabric"):
-        if result.get(key) is not None:
-            lines.append(f"{key}: {json.dumps(result[key], sort_keys=True)}")
-    return "\n".join(lines) + "\n" + _render_faults(result.get("faults", []))
+    text = "\n".join(lines) + "\n"
+    if result.get("arrays") is not None:
+        text += _render_arrays(result["arrays"])
+    if result.get("fabric") is not None:
+        text += _render_fabric(result["fabric"])
+    return text + _render_faults(result.get("faults", []))
+
+
+def _render_arrays(arrays: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for a in arrays:
+        cache = a.get("write_cache")
+        cache_text = "write-through" if cache is None else \
+            f"write-back cache {cache['dirty_bytes'] // 1024} KiB dirty"
+        lines.append(f"array {a['name']}: RAID {a['level']}, {a['state']}, "
+                     f"{a['capacity'] // (1 << 20)} MiB, strip {a['strip_size'] // 1024} KiB, "
+                     f"{cache_text}, units {', '.join(a.get('units', [])) or '-'}")
+        if a.get("offline_reason"):
+            lines.append(f"  offline: {a['offline_reason']}")
+        member_size = a.get("member_size") or 1
+        for m in a["members"]:
+            detail = m["state"]
+            if m.get("rebuild_watermark") is not None:
+                detail += f" {100 * m['rebuild_watermark'] / member_size:.1f}%"
+            where = m.get("path") or ("ram" if m.get("present") else "missing")
+            error = f", last error: {m['last_error']}" if m.get("last_error") else ""
+            lines.append(f"  member {m['index']}: {detail:<16} {where}{error}")
+    return "\n".join(lines) + "\n" if lines else "no arrays\n"
+
+
+def _lun_list(luns: Sequence[int]) -> str:
+    """'0, 1, 2' for a few LUNs; runs folded ('0-299 (300)') when there are many."""
+    if not luns:
+        return "none"
+    if len(luns) <= 12:
+        return ", ".join(map(str, luns))
+    runs: list[str] = []
+    start = prev = luns[0]
+    for lun in [*luns[1:], None]:
+        if lun is not None and lun == prev + 1:
+            prev = lun
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if lun is not None:
+            start = prev = lun
+    return ", ".join(runs) + f" ({len(luns)})"
+
+
+def _render_fabric(fabric: dict[str, Any]) -> str:
+    lines = [f"HBA WWNN {fabric.get('wwnn')} WWPN {fabric.get('wwpn')}"]
+    for rp in fabric.get("remote_ports", fabric.get("ports", [])):
+        lines.append(f"  {rp.get('wwpn')} at {rp.get('bus')}:{rp.get('target_id')} "
+                     f"{rp.get('state')}: LUNs {_lun_list(rp.get('luns', []))}")
+    return "\n".join(lines) + "\n"
 
 
 def render_ctl(command: str, result: Any) -> str:
     """The human form of a ctl answer."""
+    if command == "raid":
+        if isinstance(result, list):
+            return _render_arrays(result)
+        if "rebuild_rate_bytes_s" in result:
+            return f"rebuild rate {result['rebuild_rate_bytes_s'] / (1 << 20):g} MiB/s\n"
+        return _render_arrays([result])
+    if command == "fc":
+        if isinstance(result, dict) and ("remote_ports" in result or "ports" in result):
+            return _render_fabric(result)
+        return json.dumps(result, indent=2, sort_keys=True) + "\n"
     if command == "controller":
         return _render_controller(result)
     if command == "fault":
@@ -750,9 +909,10 @@ def _render_status(status: dict[str, Any]) -> str:
         if p50 is not None:
             lines.append(f"  latency p50 <= {p50} ms  p99 <= {p99} ms")
     for target in status.get("targets", []):
-        luns = ", ".join(str(n) for n in target.get("luns", [])) or "none"
-        lines.append(f"target {target.get('name') or '-'} at {target['path_id']}:"
-                     f"{target['target_id']}: LUNs {luns}")
+        lines.append(f"target {target.get('name') or '-'} at "
+                     + (f"{target['adapter']} " if len(status.get("adapters", [])) > 1 else "")
+                     + f"{target['path_id']}:{target['target_id']}: "
+                     f"LUNs {_lun_list(target.get('luns', []))}")
     if status.get("portals"):
         lines.append("portals: " + ", ".join(status["portals"]))
     if status.get("metrics"):

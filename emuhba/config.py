@@ -89,7 +89,7 @@ class LatencyConfig:
 
 @dataclass(frozen=True)
 class FaultConfig:
-    kind: str  # "busy" | "medium-error" | "latency" | "link-down"
+    kind: str  # "busy" | "medium-error" | "latency" | "link-down" | "fail-member"
     unit: Address | None = None  # None: every unit of the controller
     count: int = 0
     first_lba: int = 0
@@ -97,6 +97,8 @@ class FaultConfig:
     reads: bool = True
     writes: bool = False
     seconds: float = 0.0
+    array: str | None = None  # fail-member: the array and its member slot
+    member: int = 0
 
 
 @dataclass(frozen=True)
@@ -722,8 +724,13 @@ class _Parser:
     def _fault(self, item: Any, path: KeyPath) -> FaultConfig:
         r = self.r
         table = r.table(item, path, ("kind", "unit", "count", "lba", "reads", "writes",
-                                     "seconds"))
-        kind = r.choice(table, "kind", path, ("busy", "medium-error", "latency", "link-down"))
+                                     "seconds", "array", "member"))
+        kind = r.choice(table, "kind", path, ("busy", "medium-error", "latency", "link-down",
+                                              "fail-member"))
+        if kind == "fail-member":
+            return FaultConfig(kind, array=r.get(table, "array", path, str, required=True),
+                               member=r.get(table, "member", path, int, required=True,
+                                            check=_between(0, 63)))
         unit: Address | None = None
         if "unit" in table:
             try:
@@ -908,6 +915,17 @@ class _Parser:
                 if len(sizes) > 1:
                     r.problem(("controllers", ci, "arrays", ai, "members"),
                               "members must share one block size")
+            for fi, fault in enumerate(controller.faults):
+                if fault.kind != "fail-member":
+                    continue
+                where_f: KeyPath = ("controllers", ci, "faults", fi)
+                array_cfg = next((a for a in controller.arrays if a.name == fault.array), None)
+                if array_cfg is None:
+                    r.problem((*where_f, "array"), f"controller {controller.name!r} has no "
+                                                   f"array {fault.array!r}")
+                elif fault.member >= len(array_cfg.members):
+                    r.problem((*where_f, "member"), f"array {array_cfg.name!r} has members "
+                                                    f"0..{len(array_cfg.members) - 1}")
             seen_addr: dict[tuple[int, int], int] = {}
             for pi, port in enumerate(controller.remote_ports):
                 where: KeyPath = ("controllers", ci, "remote_ports", pi)

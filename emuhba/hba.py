@@ -97,6 +97,8 @@ class Hba:
         self._running = False
         self._stopped = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._lun_watchers: list[Callable[[int, int], None]] = []
+        self._port.on_units_changed = self._units_changed
 
     @property
     def port(self) -> PortDriver:
@@ -162,6 +164,22 @@ class Hba:
 
     def luns(self, path_id: int, target_id: int) -> list[int]:
         return self._port.units().get((path_id, target_id), [])
+
+    def watch_luns(self, callback: Callable[[int, int], None]) -> None:
+        """Call ``callback(path_id, target_id)`` whenever a rescan finds that target's LUN
+        inventory changed after start (a hot-added or removed unit, a fabric change)."""
+        self._lun_watchers.append(callback)
+
+    def _units_changed(self, path_id: int, target_id: int) -> None:
+        if not self._running:
+            return  # the first scan, or a stopping adapter: nobody to tell yet / any more
+        log.info("luns_changed", hba=self.name, path_id=path_id, target_id=target_id,
+                 luns=self.luns(path_id, target_id))
+        for callback in list(self._lun_watchers):
+            try:
+                callback(path_id, target_id)
+            except Exception:
+                log.exception("lun_watcher_failed", hba=self.name)
 
     def queue_capacity(self, path_id: int, target_id: int) -> int:
         """Sum of the target's LU queue depths: how many commands it can usefully take at once."""

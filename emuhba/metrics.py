@@ -306,12 +306,41 @@ def _default_adapter_histogram(hba: Hba) -> object:
     return hba.port.latency
 
 
-def build_registry(hba: Hba, portal: TargetPortal | None = None) -> CollectorRegistry:
+class AdaptersCollector:
+    """Several adapters in one exposition: each family once, with every adapter's samples
+    (an exposition must not repeat a family name)."""
+
+    def __init__(self, collectors: Sequence[PortCollector]) -> None:
+        self.collectors = list(collectors)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for collector in self.collectors:
+            for family in collector.collect():
+                known = merged.get(family.name)
+                if known is None:
+                    merged[family.name] = family
+                else:
+                    known.samples.extend(family.samples)
+        yield from merged.values()
+
+
+def build_registry(hbas: Hba | Sequence[Hba],
+                   portal: TargetPortal | None = None) -> CollectorRegistry:
     """A registry of its own (not the global one) holding only our collector."""
     # Our collector describes nothing up front (so registering it costs no scrape); the flag
     # keeps such collectors in ``name[]``-restricted scrapes too.
     registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
-    registry.register(PortCollector(hba, portal))
+    adapters = list(hbas) if isinstance(hbas, Sequence) else [hbas]
+    if len(adapters) == 1:
+        registry.register(PortCollector(adapters[0], portal))
+    else:
+        # Sessions once, with the first adapter's collector.
+        registry.register(AdaptersCollector(
+            [PortCollector(hba, portal if i == 0 else None) for i, hba in enumerate(adapters)]))
     return registry
 
 

@@ -473,6 +473,9 @@ class PortDriver:
             raise ValueError(f"request_timeout must be positive or None, not {request_timeout}")
         self.model = model
         self.miniport = miniport
+        # Called on the loop with (path_id, target_id) when a scan finds a target's LUNs
+        # changed (appeared, went away, or the target itself did).
+        self.on_units_changed: Callable[[int, int], None] | None = None
         self.config = PortConfiguration(port_model=model)
         self.busy_retry_delay = busy_retry_delay
         self.reset_timeout = reset_timeout
@@ -1683,9 +1686,12 @@ class PortDriver:
     async def _scan_bus(self, path_id: int) -> None:
         targets = range(self.config.maximum_number_of_targets)
         found = await asyncio.gather(*(self._scan_target(path_id, tid) for tid in targets))
+        changed: list[tuple[int, int]] = []
         for tid, luns in zip(targets, found, strict=True):
             key = (path_id, tid)
             old = set(self._units.get(key, ()))
+            if old != set(luns or ()):
+                changed.append(key)
             if luns is None:
                 self._units.pop(key, None)
             else:
@@ -1698,6 +1704,12 @@ class PortDriver:
                         del self._queues[lq.address]
             for lun in luns or ():
                 self._queue(path_id, tid, lun).known = True
+        if changed and self.on_units_changed is not None:
+            for p, t in changed:
+                try:
+                    self.on_units_changed(p, t)
+                except Exception:
+                    log.exception("units_changed_callback_failed", path_id=p, target_id=t)
 
     async def _scan_target(self, path_id: int, target_id: int) -> list[int] | None:
         inquiry = await self.command(path_id, target_id, 0, _inquiry_cdb(_INQUIRY_LEN), _INQUIRY_LEN)

@@ -269,8 +269,14 @@ class EmulatedDiskController:
         return self._loop
 
     def flush(self) -> None:
-        for store in self._stores.values():
-            store.flush()
+        """Flush every unit's medium (stop adapter); a unit whose medium fails is logged and
+        the rest still flush."""
+        for address, store in self._stores.items():
+            try:
+                store.flush()
+            except OSError as exc:
+                log.error("store_flush_failed", unit="{}:{}:{}".format(*address),
+                          error=str(exc))
 
     def close(self) -> None:
         """Power off: wait for the DMA engine, drop what still waits, flush and close stores."""
@@ -284,11 +290,19 @@ class EmulatedDiskController:
         for handle in self._waiting.values():
             handle.cancel()
         self._waiting.clear()
-        for store in self._stores.values():
+        for address, store in self._stores.items():
+            # Power-off goes on whatever one medium says: a dead array or a vanished file
+            # must not keep the others from being flushed and closed.
             try:
                 store.flush()
-            finally:
+            except OSError as exc:
+                log.error("store_flush_failed_at_close", unit="{}:{}:{}".format(*address),
+                          error=str(exc))
+            try:
                 store.close()
+            except OSError as exc:
+                log.error("store_close_failed", unit="{}:{}:{}".format(*address),
+                          error=str(exc))
 
     # ----------------------------------------------------------------------------- commands
 

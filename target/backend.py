@@ -33,3 +33,6 @@ class ScsiBackend(Protocol):
     def reset_target(self, path_id: int, target_id: int, done: TmfDone) -> None: ...
 
     def nexus_lost(self, nexus: int) -> None: ...
+
+    def watch_luns(self, callback: Callable[[int, int], None]) -> None:
+        """Have ``callback(path_id, target_id)`` called when that target's LUNs change."""

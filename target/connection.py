@@ -1204,6 +1204,20 @@ class Connection:
                   stat_sn, exp, mx, 0, 0, 0)
         self._emit(header, body, len(body))
 
+    def send_async_event(self, lun: int, sense: bytes) -> None:
+        """Asynchronous Message, AsyncEvent 0: a SCSI asynchronous event, its sense data in the
+        data segment. Only on a full-feature connection; it takes a StatSN like any status."""
+        if self.state is not ConnState.FULL_FEATURE or self.closing:
+            return
+        exp, mx = self._window()
+        body = len(sense).to_bytes(2, "big") + sense
+        header = bytearray(P.BHS_LEN)
+        _bhs_pack(header, 0, P.Opcode.ASYNC_MESSAGE, 0x80, 0, 0, len(body), P.encode_lun(lun),
+                  ALL_ONES, 0, self._next_stat_sn(), exp, mx,
+                  P.AsyncEvent.SCSI_ASYNC_EVENT << 24, 0, 0)
+        self._emit(header, body, len(body))
+        self._flush_hint()
+
     def _on_text(self, w: tuple[int, ...], data: memoryview | None, bhs: memoryview) -> None:
         session = self.session
         assert session is not None

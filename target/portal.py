@@ -45,6 +45,14 @@ class PortalSettings:
     max_transfer_bytes: int = 64 * 1024 * 1024
     # Commands a session may have in flight, at most (the CmdSN window also follows LU queues).
     max_window: int = 1024
+    # Send an Asynchronous Message (SCSI async event) when a target's LUNs change.
+    async_events: bool = True
+
+
+# Fixed-format sense: UNIT ATTENTION, REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh). Built here, not
+# taken from the SCSI layer below, because the front end owns what it puts on the wire.
+REPORTED_LUNS_CHANGED_SENSE = bytes((0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x3F, 0x0E,
+                                     0, 0, 0, 0))
 
 
 def format_address(host: str, port: int) -> str:
@@ -59,6 +67,7 @@ class TargetPortal:
     def __init__(self, nodes: list[TargetNode], settings: PortalSettings | None = None) -> None:
         self.settings = settings or PortalSettings()
         self.nodes: dict[str, TargetNode] = {}
+        self._watched: list[ScsiBackend] = []
         for node in nodes:
             self.add_node(node)
         self.sessions: dict[int, Session] = {}
@@ -68,6 +77,31 @@ class TargetPortal:
 
     def add_node(self, node: TargetNode) -> None:
         self.nodes[node.name.lower()] = node
+        backend = node.backend
+        if not any(b is backend for b in self._watched):
+            self._watched.append(backend)
+            backend.watch_luns(self._luns_changed)
+
+    def remove_node(self, name: str) -> TargetNode | None:
+        """Stop offering a target: discovery no longer lists it and logins to it fail.
+        Its sessions stay up; their commands answer for whatever LUNs the target still has."""
+        return self.nodes.pop(name.lower(), None)
+
+    def _luns_changed(self, path_id: int, target_id: int) -> None:
+        """A target's LUN inventory changed behind some node: tell its sessions with an
+        asynchronous SCSI event (REPORTED LUNS DATA HAS CHANGED), so initiators that act on it
+        rescan now rather than at their next command to the target."""
+        if not self.settings.async_events:
+            return
+        for session in list(self.sessions.values()):
+            node = session.node
+            if node is None or (node.path_id, node.target_id) != (path_id, target_id):
+                continue
+            if not any(n is node for n in self.nodes.values()):
+                continue
+            luns = node.luns()
+            for conn in list(session.connections):
+                conn.send_async_event(luns[0] if luns else 0, REPORTED_LUNS_CHANGED_SENSE)
 
     def find_node(self, name: str) -> TargetNode | None:
         # iSCSI names are case-insensitive once normalized (RFC 3722 stringprep maps to lower case).

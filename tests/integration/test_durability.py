@@ -61,7 +61,39 @@ adapter = "hba0"
 luns = ["data"]
 """
 
-INSTALLATIONS = {"file-lun": DISK_CONFIG}
+RAID_CONFIG = """
+[server]
+control = false
+[[portals]]
+listen = "127.0.0.1:{port}"
+""" + "".join(f"""
+[[stores]]
+name = "m{i}"
+kind = "file"
+path = "{{dir}}/m{i}.img"
+size = "12M"
+""" for i in range(3)) + """
+[[controllers]]
+name = "raid0"
+kind = "raid"
+  [[controllers.arrays]]
+  name = "r5"
+  level = 5
+  strip_size = "16K"
+  members = ["m0", "m1", "m2"]
+  write_cache = true
+[[adapters]]
+name = "hba0"
+controller = "raid0"
+[[targets]]
+name = "{iqn}"
+adapter = "hba0"
+luns = [{{ lun = 0, array = "r5" }}]
+"""
+
+# A RAID 5 drive behind the controller's (volatile) write-back cache is the demanding case:
+# whatever FUA or SYNCHRONIZE CACHE did not push through the cache dies with the process.
+INSTALLATIONS = {"file-lun": DISK_CONFIG, "raid5-write-back": RAID_CONFIG}
 
 
 @dataclass

@@ -188,3 +188,17 @@ def test_serve_refuses_config_with_lun_flags_and_reports_bad_files(tmp_path: Pat
     done = subprocess.run([*run[:-1], str(tmp_path / "missing.toml")], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+def test_fail_member_faults_name_a_real_array_and_slot() -> None:
+    raid = GOOD.replace('kind = "disk"', 'kind = "raid"\narrays = [{ name = "a0", level = 1, '
+                        'members = ["r0", "f0"] }]').replace(
+        '{ kind = "busy", unit = "0:0:0", count = 3 },',
+        '{ kind = "fail-member", array = "a0", member = 2 },').replace(
+        'luns = ["r0", { lun = 3, store = "f0", read_only = true }]',
+        'luns = [{ lun = 0, array = "a0" }]')
+    found = problems(raid)
+    assert found == ["x.toml:18: controllers[0].faults[0].member: array 'a0' has members 0..1"]
+    config = parse_config(raid.replace("member = 2", "member = 1"), "x.toml", base=Path("/b"))
+    (fault,) = [f for f in config.controllers[0].faults if f.kind == "fail-member"]
+    assert (fault.array, fault.member) == ("a0", 1)

@@ -43,12 +43,16 @@ class BlockBackend:
         self.held: list[Srb] = []
         self.executed: list[Srb] = []
         self.lost: list[int] = []
+        self.lun_watchers: list[Callable[[int, int], None]] = []
 
     def luns(self, path_id: int, target_id: int) -> list[int]:
         return [0]
 
     def queue_capacity(self, path_id: int, target_id: int) -> int:
         return 32
+
+    def watch_luns(self, callback: Callable[[int, int], None]) -> None:
+        self.lun_watchers.append(callback)
 
     def execute(self, srb: Srb) -> None:
         self.executed.append(srb)
@@ -428,3 +432,23 @@ def test_duplicate_itt_is_rejected() -> None:
 @pytest.mark.parametrize("lun", [0, 300])
 def test_lun_field_roundtrip(lun: int) -> None:
     assert P.decode_lun(P.encode_lun(lun)) == lun
+
+
+def test_lun_inventory_change_sends_a_scsi_async_event() -> None:
+    backend, ini = logged_in()
+    assert len(backend.lun_watchers) == 1  # the portal watches each backend once
+    before = ini.exp_statsn
+    backend.lun_watchers[0](0, 1)  # another target's change: not this session's business
+    assert ini.collect() == []
+    backend.lun_watchers[0](0, 0)
+    (event,) = ini.collect()
+    assert event.opcode == P.Opcode.ASYNC_MESSAGE and event.flags == 0x80
+    assert event.itt == 0xFFFFFFFF
+    assert event.w(24) == before  # it takes the next StatSN
+    assert event.raw[36] == P.AsyncEvent.SCSI_ASYNC_EVENT
+    sense_length = int.from_bytes(event.data[:2], "big")
+    sense = event.data[2:2 + sense_length]
+    assert (sense[2] & 0x0F, sense[12], sense[13]) == (0x06, 0x3F, 0x0E)
+    # The session goes on: the next status carries the StatSN after the event's.
+    _, pdus = ini.command(inquiry(96), read=96)
+    assert scsi_status(pdus)[0] == 0 and pdus[-1].w(24) == before + 1
