@@ -3,9 +3,10 @@
 # ./dev.sh test [pytest options...]          lint, type-check and run every test
 #
 # Both create .venv on first use (and reinstall into it only when pyproject.toml changes).
-# `test` needs libiscsi-bin (the initiator tools the integration tests drive) and tgt; as root it
-# installs them, otherwise it says what to install and the integration tests skip, except with
-# CI=true, where anything missing is a failure.
+# `test` needs libiscsi-bin (the initiator tools the integration tests drive), tgt, and for the
+# guest and container tests qemu-system-x86, debootstrap, docker.io and docker-compose; as root
+# it installs them, otherwise it says what to install and the tests that need them skip, except
+# with CI=true, where anything missing is a failure.
 set -euo pipefail
 
 # Absolute paths: `serve` keeps the caller's working directory, so relative --file-lun paths mean
@@ -13,7 +14,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")" && pwd)
 VENV="$ROOT/.venv"
 STAMP="$VENV/.emuhba-installed"
-TEST_PACKAGES=(libiscsi-bin tgt)
+TEST_PACKAGES=(libiscsi-bin tgt qemu-system-x86 debootstrap debian-archive-keyring docker.io
+    docker-compose)
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
 is_root() { [ "$(id -u)" -eq 0 ]; }
@@ -77,7 +79,8 @@ ensure_venv() {
 
 missing_tools() {
     local tool
-    for tool in iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf iscsi-test-cu tgtd tgtadm; do
+    for tool in iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf iscsi-test-cu tgtd tgtadm \
+        qemu-system-x86_64 debootstrap dockerd docker-compose; do
         command -v "$tool" >/dev/null 2>&1 || printf '%s ' "$tool"
     done
 }
@@ -111,9 +114,12 @@ run_tests() {
     say "mypy"
     "$VENV/bin/mypy" || status=1
     "$VENV/bin/mypy" --strict bench/bench_vs_tgtd.py tests/conftest.py tests/integration \
-        tests/unit/test_bench_smoke.py || status=1
+        tests/unit/test_bench_smoke.py tests/guest tests/containers || status=1
     say "pytest"
-    "$VENV/bin/python" -m pytest -p no:cacheprovider -ra tests/unit tests/integration "$@" || status=1
+    # Unit and libiscsi tests first (minutes), then open-iscsi + fio in a QEMU guest and the
+    # containers (the first run builds the guest image and the container images: ~5 min each).
+    "$VENV/bin/python" -m pytest -p no:cacheprovider -ra tests/unit tests/integration \
+        tests/guest tests/containers "$@" || status=1
     if [ "$status" -ne 0 ]; then
         say "FAILED"
     fi

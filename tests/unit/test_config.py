@@ -161,7 +161,7 @@ def test_shipped_examples_are_valid(path: Path) -> None:
 
 def test_examples_cover_every_controller_kind() -> None:
     kinds = {c.kind for path in EXAMPLES for c in load_config(path).controllers}
-    assert {"disk"} <= kinds
+    assert kinds == {"disk", "raid", "fc"}
 
 
 def test_command_line_is_the_same_model() -> None:
