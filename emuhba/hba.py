@@ -330,6 +330,10 @@ class Hba:
     def reset_target(self, path_id: int, target_id: int, done: TmfDone) -> None:
         self._spawn(self._port.reset_device(path_id, target_id), done)
 
+    def nexus_opened(self, nexus: int, initiator_port: str, target_port: str) -> None:
+        """A new I_T nexus: its units learn its port names (for persistent reservations)."""
+        self._miniport.hw_nexus_opened(nexus, initiator_port, target_port)
+
     def nexus_lost(self, nexus: int) -> None:
         """The session is gone: abort its tasks, then let the units forget the nexus."""
         self._spawn(self._nexus_lost(nexus), None)

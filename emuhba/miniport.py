@@ -185,6 +185,11 @@ class Miniport(ABC):
     def hw_free_adapter_resources(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Final teardown (flush and close backing files)."""
 
+    def hw_nexus_opened(self, nexus: int, initiator_port: str,  # noqa: B027 - optional hook
+                        target_port: str) -> None:
+        """An I_T nexus appeared: the SCSI port names behind the number ``nexus`` that SRBs
+        carry. Not a Storport routine (as hw_nexus_lost)."""
+
     def hw_nexus_lost(self, nexus: int) -> None:  # noqa: B027 - optional hook, no-op by default
         """An I_T nexus is gone (its session ended): forget what the units kept for it (unit
         attentions, reservations). Not a Storport routine: iSCSI sessions come and go while

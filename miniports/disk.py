@@ -107,6 +107,8 @@ class EmulatedDiskController:
         self.interrupt_cost_s = interrupt_cost_s
         self._irq = irq
         self.faults = Faults()
+        # Open I_T nexuses and their port names, for units attached later.
+        self.nexuses: dict[int, tuple[str, str]] = {}
         # Link state as the host side of the controller sees it; the miniport learns of changes
         # from ``events`` (drained by its interrupt routine) and pauses/resumes the adapter.
         self.link_up = True
@@ -237,7 +239,10 @@ class EmulatedDiskController:
         return sorted(lun for p, t, lun in self.units if p == path_id and t == target_id)
 
     def attach(self, address: Address, lu: LogicalUnit) -> None:
-        """Hot-add a unit (the miniport then reports a bus change)."""
+        """Hot-add a unit (the miniport then reports a bus change); it learns the nexuses that
+        already exist."""
+        for nexus, (initiator_port, target_port) in self.nexuses.items():
+            lu.nexus_opened(nexus, initiator_port, target_port)
         self.units[address] = lu
         self._targets.add((address[0], address[1]))
         self._stores.setdefault(address, lu.store)
@@ -452,7 +457,13 @@ class EmulatedDiskController:
             self.units[address].reset(kind)
         return bool(addresses)
 
+    def nexus_opened(self, nexus: int, initiator_port: str, target_port: str) -> None:
+        self.nexuses[nexus] = (initiator_port, target_port)
+        for lu in self.units.values():
+            lu.nexus_opened(nexus, initiator_port, target_port)
+
     def nexus_gone(self, nexus: int) -> None:
+        self.nexuses.pop(nexus, None)
         for lu in self.units.values():
             lu.nexus_gone(nexus)
 
@@ -848,6 +859,9 @@ class DiskMiniport(Miniport):
     def hw_free_adapter_resources(self) -> None:
         if self._controller is not None:
             self._controller.close()
+
+    def hw_nexus_opened(self, nexus: int, initiator_port: str, target_port: str) -> None:
+        self.controller.nexus_opened(nexus, initiator_port, target_port)
 
     def hw_nexus_lost(self, nexus: int) -> None:
         """An I_T nexus is gone: its unit attentions and reservations go with it."""

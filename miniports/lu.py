@@ -27,7 +27,6 @@ import hashlib
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import structlog
@@ -47,6 +46,19 @@ from emuhba.scsi.opcodes import (
 )
 from emuhba.scsi.sense import SenseCode, build_sense
 from emuhba.srb import CdbFlags, DataDirection, ResetKind, ScsiStatus, Srb, SrbStatus
+from miniports.lu_copy import COPY_COMMANDS, COPY_STORE_OPCODES, CopyMixin
+from miniports.lu_provisioning import (
+    PROVISIONING_COMMANDS,
+    PROVISIONING_STORE_OPCODES,
+    ProvisioningMixin,
+)
+from miniports.lu_reservations import (
+    RESERVATION_COMMANDS,
+    RESERVATION_STORE_OPCODES,
+    ReservationsMixin,
+)
+from miniports.lu_spec import _C, _FF2, _FF4, _FF8, _RW1, _V1, CommandSpec
+from miniports.lu_spec import usage as _usage
 from miniports.store import BlockStore
 
 _log = structlog.get_logger(__name__)
@@ -84,45 +96,8 @@ def make_naa_id(serial: str, company_id: int = EMUHBA_COMPANY_ID) -> int:
     return (0x5 << 60) | (company_id << 36) | vendor_specific
 
 
-@dataclass(frozen=True, slots=True)
-class CommandSpec:
-    """One supported command: how it is dispatched and what REPORT SUPPORTED OPERATION CODES says.
-
-    ``usage`` is the CDB usage data: byte 0 the opcode, then a 1 for every CDB bit the handler
-    evaluates; its length is the CDB length.
-    """
-
-    opcode: int
-    service_action: int | None
-    name: str
-    usage: bytes
-    handler: str
-    reports_ua: bool = True
-    timeout: int = 30  # recommended command timeout, seconds
-
-    @property
-    def cdb_length(self) -> int:
-        return len(self.usage)
-
-
-def _usage(*parts: int | bytes) -> bytes:
-    out = bytearray()
-    for part in parts:
-        out += part if isinstance(part, bytes) else bytes((part,))
-    return bytes(out)
-
-
-_FF2 = b"\xff" * 2
-_FF4 = b"\xff" * 4
-_FF8 = b"\xff" * 8
-_C = _NACA  # the CONTROL byte: NACA is evaluated (and refused)
-# Byte 1 of READ/WRITE(10/12/16): xxPROTECT (refused unless zero), DPO, FUA.
-_RW1 = 0xF8
-# Byte 1 of VERIFY / WRITE AND VERIFY: xxPROTECT, DPO, BYTCHK.
-_V1 = 0xF6
-
 # fmt: off
-COMMANDS: tuple[CommandSpec, ...] = (
+_BASE_COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(Op.TEST_UNIT_READY, None, "TEST UNIT READY", _usage(0x00, 0, 0, 0, 0, _C),
                 "_test_unit_ready"),
     CommandSpec(Op.REQUEST_SENSE, None, "REQUEST SENSE", _usage(0x03, 0x01, 0, 0, 0xFF, _C),
@@ -177,6 +152,10 @@ COMMANDS: tuple[CommandSpec, ...] = (
 )
 # fmt: on
 
+# Every command the unit supports: the base set above and what the command-set modules add.
+COMMANDS: tuple[CommandSpec, ...] = (
+    _BASE_COMMANDS + RESERVATION_COMMANDS + PROVISIONING_COMMANDS + COPY_COMMANDS)
+
 # Commands that touch the store (data transfer or flush); START STOP UNIT flushes when stopping.
 # fmt: off
 _STORE_OPCODES = frozenset(
@@ -188,7 +167,7 @@ _STORE_OPCODES = frozenset(
         Op.SYNCHRONIZE_CACHE_10, Op.SYNCHRONIZE_CACHE_16,
         Op.START_STOP_UNIT,
     }
-)
+) | RESERVATION_STORE_OPCODES | PROVISIONING_STORE_OPCODES | COPY_STORE_OPCODES
 # fmt: on
 _WRITE_VERIFY = frozenset({Op.WRITE_VERIFY_10, Op.WRITE_VERIFY_12, Op.WRITE_VERIFY_16})
 
@@ -279,7 +258,7 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
     return min(len(a), len(b))
 
 
-class LogicalUnit:
+class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
     """An emulated SBC disk behind one LUN.
 
     ``target_luns`` lists every LUN of the owning target (REPORT LUNS asks it on each call, so
@@ -345,11 +324,16 @@ class LogicalUnit:
         self._clear: set[int] = set()
         # Nexuses holding a PREVENT MEDIUM REMOVAL (meaningless on a fixed disk, but per-nexus state).
         self._prevent: set[int] = set()
+        # I_T nexus -> (initiator port name, target port name), from the front end.
+        self._nexus_ports: dict[int, tuple[str, str]] = {}
         self._stopped = False
         self._pages: dict[int, bytearray] = {}
         self._d_sense = False
         self._wce = True
         self._restore_mode_pages()
+        self._init_reservations()
+        self._init_provisioning()
+        self._init_copy()
 
         self._std_inquiry = self._build_standard_inquiry()
         self._vpd = self._build_vpd_pages()
@@ -430,6 +414,7 @@ class LogicalUnit:
         was pending), mode parameters return to their defaults (nothing is saved), per-nexus
         state is cleared. A power-on also starts a stopped unit."""
         code = _RESET_UA[kind]
+        self._reservations_reset(kind)
         with self._lock:
             self._restore_mode_pages()
             if kind is ResetKind.POWER_ON:
@@ -439,8 +424,17 @@ class LogicalUnit:
             for pending in self._pending.values():
                 pending[:] = [code]
 
+    def nexus_opened(self, nexus: int, initiator_port: str, target_port: str) -> None:
+        """The port names behind ``nexus`` (persistent reservations report and key by them)."""
+        self._nexus_ports[nexus] = (initiator_port, target_port)
+
+    def nexus_ports(self, nexus: int) -> tuple[str, str] | None:
+        """(initiator port name, target port name) of ``nexus``, if the front end said."""
+        return self._nexus_ports.get(nexus)
+
     def nexus_gone(self, nexus: int) -> None:
         """The I_T nexus ended (session closed): forget it. If it returns it is new again."""
+        self._reservations_nexus_gone(nexus)
         with self._lock:
             self._pending.pop(nexus, None)
             self._clear.discard(nexus)
@@ -496,6 +490,8 @@ class LogicalUnit:
         op = cdb[0]
         handler = self._handlers[op]
         if srb.nexus not in self._clear and self._unit_attention(srb, op):
+            return
+        if self._reserved and self._reservation_conflict(srb, op):
             return
         if handler is None:
             self._fail(srb, S.INVALID_OPCODE, field_pointer=0, bit_pointer=7)
@@ -757,7 +753,7 @@ class LogicalUnit:
             self._block_size,
             0,  # no protection information
             self._lbppbe,  # P_I_EXPONENT 0, logical blocks per physical block exponent
-            0,  # LBPME=0, LBPRZ=0, lowest aligned LBA 0
+            self._provisioning_rc16_bits(),  # LBPME, LBPRZ; lowest aligned LBA 0
         )
         self._data_in(srb, data, allocation)
 
@@ -891,15 +887,17 @@ class LogicalUnit:
         struct.pack_into(">H", limits, 2, 1 << self._lbppbe)  # optimal transfer granularity
         struct.pack_into(">I", limits, 4, self._max_transfer)
         struct.pack_into(">I", limits, 8, self._optimal_transfer)
-        # Maximum prefetch, unmap and write-same lengths stay 0 until those commands exist.
+        # The provisioning module fills in what its commands allow (prefetch, unmap, write
+        # same, atomic write lengths...).
+        self._provisioning_block_limits(limits)
         pages[0xB0] = self._vpd_page(0xB0, bytes(limits))
 
         characteristics = bytearray(0x3C)
         struct.pack_into(">H", characteristics, 0, 0x0001)  # medium rotation rate: non-rotating
         pages[0xB1] = self._vpd_page(0xB1, bytes(characteristics))
 
-        # Logical block provisioning: no UNMAP/WRITE SAME unmapping yet, so LBPU=0, type 0.
-        pages[0xB2] = self._vpd_page(0xB2, bytes(4))
+        # Logical block provisioning (LBPU, LBPWS, provisioning type...): the module's say.
+        pages[0xB2] = self._vpd_page(0xB2, self._provisioning_vpd_b2())
 
         supported = sorted({0x00, *pages})
         pages[0x00] = self._vpd_page(0x00, bytes(supported))

@@ -34,5 +34,10 @@ class ScsiBackend(Protocol):
 
     def nexus_lost(self, nexus: int) -> None: ...
 
+    def nexus_opened(self, nexus: int, initiator_port: str, target_port: str) -> None:
+        """An I_T nexus exists: ``initiator_port`` and ``target_port`` are the SCSI port names
+        (iSCSI: ``<initiator name>,i,0x<ISID>`` and ``<target name>,t,0x<TPGT>``), which
+        persistent reservations key their registrations by."""
+
     def watch_luns(self, callback: Callable[[int, int], None]) -> None:
         """Have ``callback(path_id, target_id)`` called when that target's LUNs change."""

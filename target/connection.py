@@ -672,6 +672,10 @@ class Connection:
             session = Session(portal, tsih, self._login_isid, initiator, node, params,
                               self._login_cmdsn, nexus)
             portal.sessions[tsih] = session
+            if node is not None:
+                tpgt = portal.settings.portal_group_tag
+                node.backend.nexus_opened(nexus, f"{initiator},i,0x{self._login_isid.hex()}",
+                                          f"{node.name},t,0x{tpgt:04x}")
         session.connections.append(self)
         self.session = session
         log.info("login complete", conn=self.id, peer=self.peer, initiator=initiator,

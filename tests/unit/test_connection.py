@@ -44,6 +44,7 @@ class BlockBackend:
         self.executed: list[Srb] = []
         self.lost: list[int] = []
         self.lun_watchers: list[Callable[[int, int], None]] = []
+        self.nexuses: dict[int, tuple[str, str]] = {}
 
     def luns(self, path_id: int, target_id: int) -> list[int]:
         return [0]
@@ -53,6 +54,9 @@ class BlockBackend:
 
     def watch_luns(self, callback: Callable[[int, int], None]) -> None:
         self.lun_watchers.append(callback)
+
+    def nexus_opened(self, nexus: int, initiator_port: str, target_port: str) -> None:
+        self.nexuses[nexus] = (initiator_port, target_port)
 
     def execute(self, srb: Srb) -> None:
         self.executed.append(srb)
@@ -140,7 +144,10 @@ def logged_in(deferred: bool = False, digests: bool = False, **limits: object) -
 
 
 def test_login_and_inquiry() -> None:
-    _, ini = logged_in()
+    backend, ini = logged_in()
+    # The backend learnt the nexus's SCSI port names (persistent reservations key by them).
+    assert list(backend.nexuses.values()) == [
+        (f"{ini.name},i,0x{ini.isid.hex()}", f"{IQN},t,0x0001")]
     _, pdus = ini.command(inquiry(96), read=96)
     status, _ = scsi_status(pdus)
     assert status == 0
