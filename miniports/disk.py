@@ -113,6 +113,9 @@ class EmulatedDiskController:
         # from ``events`` (drained by its interrupt routine) and pauses/resumes the adapter.
         self.link_up = True
         self.link_downs = 0
+        self.link_down_at = 0.0
+        # How long a link may stay down before requests fail; the miniport sets its own.
+        self.link_down_timeout = 30.0
         self.link_down_rejections = 0
         self._link_timer: asyncio.TimerHandle | None = None
         self.events: deque[str] = deque()
@@ -178,6 +181,7 @@ class EmulatedDiskController:
         if self.link_up:
             self.link_up = False
             self.link_downs += 1
+            self.link_down_at = self.loop.time()
             self._event("link-down")
         if seconds is not None:
             self._link_timer = self.loop.call_later(seconds, self.link_restore)
@@ -329,8 +333,14 @@ class EmulatedDiskController:
             self._flush_unit(srb, address)
             return True
         if not self.link_up:
-            # The miniport paused the adapter when the link went down; a request arriving
-            # anyway means that pause ran out (the link-down timeout): fail it retryably.
+            if self.loop.time() - self.link_down_at < self.link_down_timeout:
+                # Down, and the miniport has not paused the adapter yet (it learns of the
+                # link from its interrupt routine): hand it back to the port to retry, which
+                # the pause will then hold. The initiator sees latency, not an error.
+                srb.srb_status = SrbStatus.BUSY
+                self.post(srb)
+                return True
+            # The pause ran out (the link-down timeout): fail it, retryably.
             self.link_down_rejections += 1
             srb.complete(SrbStatus.LINK_DOWN)
             self.post(srb)
@@ -652,6 +662,7 @@ class DiskMiniport(Miniport):
 
     def hw_initialize(self) -> bool:
         controller = self.controller
+        controller.link_down_timeout = self.link_down_timeout
         controller.start()
         self._hw = controller
         # Decided once: whether a start is more than handing the request to the controller

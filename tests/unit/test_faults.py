@@ -187,3 +187,21 @@ async def test_link_down_past_the_timeout_fails_retryably(hba: Hba) -> None:
     await asyncio.sleep(0.02)
     assert (await run(hba, read(0))).scsi_status == ScsiStatus.GOOD
     assert hba.miniport_ioctl("controller", {})["link"]["rejected_while_down"] == 1
+
+
+async def test_requests_racing_the_link_down_event_wait_instead_of_failing(hba: Hba) -> None:
+    """Commands that reach the controller after the link went down but before the interrupt
+    routine paused the adapter are handed back BUSY and held by the pause: no errors."""
+    srbs = [read(lba) for lba in range(0, 64, 8)]
+    done: list[Srb] = []
+    hba.miniport_ioctl("link.down", {"seconds": 0.2})
+    for srb in srbs:  # same loop turn: the interrupt routine has not run yet
+        srb.completion = done.append
+        hba.execute(srb)
+    deadline = time.monotonic() + 5
+    while len(done) < len(srbs):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert all(s.scsi_status == ScsiStatus.GOOD for s in srbs), [repr(s) for s in srbs]
+    link = hba.miniport_ioctl("controller", {})["link"]
+    assert link["rejected_while_down"] == 0 and link["up"]
