@@ -118,8 +118,8 @@ run_tests() {
     say "pytest"
     # Unit and libiscsi tests first (minutes), then open-iscsi + fio in a QEMU guest and the
     # containers (the first run builds the guest image and the container images: ~5 min each).
-    "$VENV/bin/python" -m pytest -p no:cacheprovider -ra tests/unit tests/integration \
-        tests/guest tests/containers "$@" || status=1
+    "$VENV/bin/python" -m pytest -p no:cacheprovider -ra --durations=12 tests/unit \
+        tests/integration tests/guest tests/containers "$@" || status=1
     if [ "$status" -ne 0 ]; then
         say "FAILED"
     fi

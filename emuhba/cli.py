@@ -263,7 +263,9 @@ async def serve(args: argparse.Namespace, config: ServerConfig | None = None) ->
         return 2
     limits = TargetLimits(header_digests=DIGEST_POLICIES[config.header_digest],
                           data_digests=DIGEST_POLICIES[config.data_digest])
-    settings = PortalSettings(limits=limits, advertise=list(config.advertise))
+    settings = PortalSettings(limits=limits, advertise=list(config.advertise),
+                              nop_interval=config.nop_interval_s,
+                              nop_timeout=config.nop_timeout_s)
     portal = TargetPortal(installation.nodes, settings)
     installation.attach_portal(portal)
     server = TargetServer(portal)

@@ -78,6 +78,9 @@ class StoreConfig:
     path: str | None = None
     block_size: int = 512
     read_only: bool = False
+    # The medium's physical block (READ CAPACITY(16) reports how many logical blocks make
+    # one); None: 4 KiB, or the logical block if that is larger.
+    physical_block_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class LunMapEntry:
     lun: int
     source: str  # a store name (disk, fc) or an array name (raid)
     read_only: bool = False
+    removable: bool = False  # a removable-medium unit (disk controllers)
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,10 @@ class ServerConfig:
     advertise: tuple[str, ...] = ()
     header_digest: str = "optional"
     data_digest: str = "optional"
+    # Idle connections are pinged with NOP-In after nop_interval_s and dropped when no answer
+    # comes within nop_timeout_s; 0 turns pinging off.
+    nop_interval_s: float = 10.0
+    nop_timeout_s: float = 15.0
     stores: tuple[StoreConfig, ...] = ()
     controllers: tuple[ControllerConfig, ...] = ()
     adapters: tuple[AdapterConfig, ...] = ()
@@ -562,7 +570,8 @@ class _Parser:
                                            ("log_level", "log_format", "control_socket",
                                             "control", "metrics"))) or {}
         iscsi = r.attempt(lambda: r.table(doc.get("iscsi", {}), ("iscsi",),
-                                          ("header_digest", "data_digest", "advertise"))) or {}
+                                          ("header_digest", "data_digest", "advertise",
+                                           "nop_interval_s", "nop_timeout_s"))) or {}
         portals = self._portals(doc)
         stores = self._each(doc, "stores", self._store)
         controllers = self._each(doc, "controllers", self._controller)
@@ -618,6 +627,10 @@ class _Parser:
                                       "optional"),
             "data_digest": r.choice(iscsi, "data_digest", ("iscsi",), DIGEST_CHOICES,
                                     "optional"),
+            "nop_interval_s": r.get(iscsi, "nop_interval_s", ("iscsi",), float, 10.0,
+                                    check=_non_negative),
+            "nop_timeout_s": r.get(iscsi, "nop_timeout_s", ("iscsi",), float, 15.0,
+                                   check=lambda v: None if v > 0 else f"must be above 0, not {v}"),
             "control_socket": str(self.base / control_socket) if control_socket else None,
             "control": r.get(server, "control", ("server",), bool, True),
             "metrics": metrics,
@@ -645,7 +658,8 @@ class _Parser:
 
     def _store(self, item: Any, path: KeyPath) -> StoreConfig:
         r = self.r
-        table = r.table(item, path, ("name", "kind", "size", "path", "block_size", "read_only"))
+        table = r.table(item, path, ("name", "kind", "size", "path", "block_size",
+                                     "physical_block_size", "read_only"))
         name = r.get(table, "name", path, str, required=True, check=_name)
         kind = r.choice(table, "kind", path, STORE_KINDS)
         size = r.size(table, "size", path, required=kind == "ram")
@@ -655,6 +669,11 @@ class _Parser:
         if size is not None and size % block_size:
             raise r.fail((*path, "size"), f"{size} bytes is not a whole number of "
                                           f"{block_size}-byte blocks")
+        physical = r.optional(
+            table, "physical_block_size", path, int,
+            check=lambda v: None if v >= block_size and v % block_size == 0
+            and (v // block_size) & (v // block_size - 1) == 0 and v // block_size <= 1 << 15
+            else f"must be the block size ({block_size}) times a power of two, not {v}")
         file_path = r.optional(table, "path", path, str)
         if kind == "file" and not file_path:
             raise r.fail(path, "a file store needs 'path'")
@@ -662,7 +681,7 @@ class _Parser:
             raise r.fail((*path, "path"), "a RAM store has no path")
         return StoreConfig(name=name, kind=kind, size=size,
                            path=str(self.base / file_path) if file_path else None,
-                           block_size=block_size,
+                           block_size=block_size, physical_block_size=physical,
                            read_only=r.get(table, "read_only", path, bool, False))
 
     def _controller(self, item: Any, path: KeyPath) -> ControllerConfig:
@@ -796,6 +815,10 @@ class _Parser:
         if wwpn is None:
             raise r.fail(path, "missing required key 'wwpn'")
         luns = self._lun_map(table, path)
+        for li, entry in enumerate(luns):
+            if entry.removable:
+                raise r.fail((*path, "luns", li, "removable"),
+                             "removable-medium units are made by disk controllers")
         group = None
         if "ram_luns" in table:
             gpath = (*path, "ram_luns")
@@ -832,14 +855,15 @@ class _Parser:
             if isinstance(item, str):
                 entry = LunMapEntry(i, item)
             else:
-                it = r.table(item, ipath, ("lun", "store", "array", "read_only"))
+                it = r.table(item, ipath, ("lun", "store", "array", "read_only", "removable"))
                 sources = [k for k in ("store", "array") if k in it]
                 if len(sources) != 1:
                     raise r.fail(ipath, "a LUN maps exactly one 'store' or 'array'")
                 entry = LunMapEntry(
                     r.get(it, "lun", ipath, int, i, check=_between(0, MAX_LUN)),
                     r.get(it, sources[0], ipath, str, required=True),
-                    r.get(it, "read_only", ipath, bool, False))
+                    r.get(it, "read_only", ipath, bool, False),
+                    r.get(it, "removable", ipath, bool, False))
             if entry.lun in seen:
                 raise r.fail(ipath, f"LUN {entry.lun} is mapped twice")
             seen.add(entry.lun)
@@ -997,6 +1021,9 @@ class _Parser:
             r.problem(where, "a target needs 'luns'")
         for li, entry in enumerate(target.luns):
             lpath: KeyPath = (*where, "luns", li)
+            if entry.removable and controller.kind != "disk":
+                r.problem((*lpath, "removable"), "removable-medium units are made by disk "
+                                                 f"controllers, not {controller.kind!r} ones")
             if controller.kind == "raid":
                 if arrays.get(entry.source) != controller.name:
                     r.problem(lpath, f"controller {controller.name!r} has no array "

@@ -335,7 +335,12 @@ class Hba:
         self._miniport.hw_nexus_opened(nexus, initiator_port, target_port)
 
     def nexus_lost(self, nexus: int) -> None:
-        """The session is gone: abort its tasks, then let the units forget the nexus."""
+        """The session is gone: abort its tasks, then let the units forget the nexus. With
+        nothing to abort the units hear of it at once: a command another session sent right
+        after this one closed must not still find this nexus's reservation in its way."""
+        if not self._port.all_pending(nexus):
+            self._miniport.hw_nexus_lost(nexus)
+            return
         self._spawn(self._nexus_lost(nexus), None)
 
     async def _nexus_lost(self, nexus: int) -> bool:

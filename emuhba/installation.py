@@ -59,12 +59,16 @@ class InstalledAdapter:
 
 
 def open_store(store: StoreConfig) -> BlockStore:
+    opened: BlockStore
     if store.kind == "ram":
         assert store.size is not None
-        return RamStore.of_size(store.size, block_size=store.block_size)
-    assert store.path is not None
-    return FileStore(store.path, store.size, block_size=store.block_size,
-                     read_only=store.read_only)
+        opened = RamStore.of_size(store.size, block_size=store.block_size)
+    else:
+        assert store.path is not None
+        opened = FileStore(store.path, store.size, block_size=store.block_size,
+                           read_only=store.read_only)
+    opened.physical_block_size = store.physical_block_size
+    return opened
 
 
 class Installation:
@@ -182,7 +186,7 @@ class Installation:
         placements: list[tuple[TargetConfig | None, str, int, int]] = []
         for target_id, target in enumerate(self._targets_of(adapter)):
             luns = [(entry.lun, self._stores[entry.source],
-                     entry.read_only or self._stores[entry.source].read_only)
+                     entry.read_only or self._stores[entry.source].read_only, entry.removable)
                     for entry in target.luns]
             layouts.append(TargetLayout(0, target_id, port_name(target.name), luns))
             placements.append((target, target.name, 0, target_id))
@@ -245,6 +249,8 @@ class Installation:
                 else:
                     luns[entry.lun] = ("file", store.path, store.size,
                                        store.read_only or entry.read_only)
+                if store.physical_block_size is not None:
+                    luns[entry.lun] += ({"physical_block_size": store.physical_block_size},)
             if port.ram_luns is not None:
                 group = port.ram_luns
                 luns[group.first_lun] = ("ram", group.size, group.count)

@@ -429,19 +429,36 @@ class EmulatedDiskController:
     # --------------------------------------------------------------------- task management
 
     def abort(self, tmf: Srb) -> None:
-        """ABORT TASK: the command with the tmf's I_T_L nexus and tag, if it has not started."""
+        """ABORT TASK: the command with the tmf's I_T_L nexus and tag, if it has not started,
+        or if it has but only waits for a long operation of its unit (a SANITIZE), which then
+        goes on without it. Call it exclusive with the interrupt routine."""
         self.aborts += 1
+
+        def same(srb: Srb) -> bool:
+            return (srb.queue_tag == tmf.queue_tag and srb.nexus == tmf.nexus
+                    and srb.lun == tmf.lun and srb.target_id == tmf.target_id
+                    and srb.path_id == tmf.path_id)
+
+        status = SrbStatus.ABORT_FAILED
         for srb, handle in self._waiting.items():
-            if (srb.queue_tag == tmf.queue_tag and srb.nexus == tmf.nexus and srb.lun == tmf.lun
-                    and srb.target_id == tmf.target_id and srb.path_id == tmf.path_id):
+            if same(srb):
                 handle.cancel()
                 del self._waiting[srb]
                 srb.complete(SrbStatus.ABORTED)
                 self.post(srb)
-                tmf.complete(SrbStatus.SUCCESS)
+                status = SrbStatus.SUCCESS
                 break
         else:
-            tmf.complete(SrbStatus.ABORT_FAILED)
+            for srb, lu in self._executing.items():
+                if same(srb):
+                    # Doomed first: the command may end the moment its wait is cancelled.
+                    self._doomed[srb] = SrbStatus.ABORTED
+                    if lu.cancel_wait(srb):
+                        status = SrbStatus.SUCCESS
+                    else:
+                        del self._doomed[srb]
+                    break
+        tmf.complete(status)
         self.post(tmf)
 
     def reset(self, path_id: int, target_id: int | None, lun: int | None, kind: ResetKind,
@@ -460,9 +477,10 @@ class EmulatedDiskController:
             self._waiting.pop(srb).cancel()
             srb.complete(status)
             self.post(srb)
-        for srb in list(self._executing):
+        for srb, lu in list(self._executing.items()):
             if hit(srb):
                 self._doomed[srb] = status
+                lu.cancel_wait(srb)  # a command waiting on a long operation ends now
         for address in addresses:
             self.units[address].reset(kind)
         return bool(addresses)
@@ -481,12 +499,13 @@ class EmulatedDiskController:
 @dataclass(frozen=True)
 class TargetLayout:
     """One target of a controller: its address, the port name its units report in VPD 83h,
-    and its LUN map of (lun, store, read_only)."""
+    and its LUN map of (lun, store, read_only) and, for a removable-medium unit, a fourth
+    element True."""
 
     path_id: int
     target_id: int
     port_name: str
-    luns: Sequence[tuple[int, BlockStore, bool]]
+    luns: Sequence[tuple[int, BlockStore, bool] | tuple[int, BlockStore, bool, bool]]
 
 
 class DiskMiniport(Miniport):
@@ -574,7 +593,8 @@ class DiskMiniport(Miniport):
                 units[address] = LogicalUnit(
                     store, lun=lun, target_luns=lambda: list(luns),
                     serial=unit_serial(target_port_name, path_id, target_id, lun),
-                    target_port_name=target_port_name, read_only=read_only)
+                    target_port_name=target_port_name, read_only=read_only,
+                    peers=lambda: {a[2]: u for a, u in units.items()})
         except BaseException:
             for store in stores.values():
                 store.close()
@@ -608,8 +628,14 @@ class DiskMiniport(Miniport):
         def luns_of(path_id: int, target_id: int) -> Callable[[], list[int]]:
             return lambda: sorted(a[2] for a in units if a[:2] == (path_id, target_id))
 
+        # The same for EXTENDED COPY's copy targets.
+        def peers_of(path_id: int, target_id: int) -> Callable[[], dict[int, LogicalUnit]]:
+            return lambda: {a[2]: u for a, u in units.items() if a[:2] == (path_id, target_id)}
+
         for target in targets:
-            for lun, store, read_only in target.luns:
+            for entry in target.luns:
+                lun, store, read_only = entry[:3]
+                removable = len(entry) > 3 and bool(entry[3])
                 address = (target.path_id, target.target_id, lun)
                 if address in units:
                     raise ValueError("two units at {}:{}:{}".format(*address))
@@ -617,7 +643,8 @@ class DiskMiniport(Miniport):
                 units[address] = LogicalUnit(
                     store, lun=lun, target_luns=luns_of(target.path_id, target.target_id),
                     serial=unit_serial(target.port_name, *address),
-                    target_port_name=target.port_name, read_only=read_only)
+                    target_port_name=target.port_name, read_only=read_only,
+                    removable=removable, peers=peers_of(target.path_id, target.target_id))
 
         def build(irq: Irq) -> EmulatedDiskController:
             return EmulatedDiskController(units, slots, latency_s, workers, irq=irq, stores=stores)
@@ -683,7 +710,7 @@ class DiskMiniport(Miniport):
             return True
         controller = self.controller
         if function == SrbFunction.ABORT_COMMAND:
-            controller.abort(srb)
+            self.port.synchronize_access(lambda: controller.abort(srb))
             return True
         if function == SrbFunction.RESET_LOGICAL_UNIT:
             where: tuple[int | None, int | None, ResetKind, SrbStatus] = (
@@ -886,7 +913,17 @@ def unit_serial(target_port_name: str, path_id: int, target_id: int, lun: int) -
     return digest[:8].hex().upper()
 
 
+def _store_options(spec: tuple[Any, ...]) -> tuple[tuple[Any, ...], Mapping[str, Any]]:
+    """A spec may end with a mapping of store options (``physical_block_size``)."""
+    if spec and isinstance(spec[-1], Mapping):
+        return spec[:-1], spec[-1]
+    return spec, {}
+
+
 def _check_spec(spec: tuple[Any, ...]) -> None:
+    spec, options = _store_options(spec)
+    if set(options) - {"physical_block_size"}:
+        raise ValueError(f"unknown store options in LUN spec: {sorted(options)}")
     if not spec or spec[0] not in ("ram", "file"):
         raise ValueError(f"LUN spec must start with 'ram' or 'file': {spec!r}")
     if spec[0] == "ram" and len(spec) != 2:
@@ -896,10 +933,16 @@ def _check_spec(spec: tuple[Any, ...]) -> None:
 
 
 def _make_store(spec: tuple[Any, ...], block_size: int) -> tuple[BlockStore, bool]:
+    spec, options = _store_options(spec)
+    store: BlockStore
+    read_only = False
     if spec[0] == "ram":
-        return RamStore.of_size(int(spec[1]), block_size=block_size), False
-    read_only = bool(spec[3]) if len(spec) == 4 else False
-    return FileStore(spec[1], spec[2], block_size=block_size, read_only=read_only), read_only
+        store = RamStore.of_size(int(spec[1]), block_size=block_size)
+    else:
+        read_only = bool(spec[3]) if len(spec) == 4 else False
+        store = FileStore(spec[1], spec[2], block_size=block_size, read_only=read_only)
+    store.physical_block_size = options.get("physical_block_size")
+    return store, read_only
 
 
 def build_units(
@@ -915,13 +958,17 @@ def build_units(
     """
     units: dict[Address, LogicalUnit] = {}
 
-    # Live: a unit attached to this map later shows up in its neighbours' REPORT LUNS.
+    # Live: a unit attached to this map later shows up in its neighbours' REPORT LUNS (and
+    # among their EXTENDED COPY targets).
     def luns_of(path_id: int, target_id: int) -> Callable[[], list[int]]:
         return lambda: sorted(a[2] for a in units if a[0] == path_id and a[1] == target_id)
+
+    def peers_of(path_id: int, target_id: int) -> Callable[[], dict[int, LogicalUnit]]:
+        return lambda: {a[2]: u for a, u in units.items() if a[:2] == (path_id, target_id)}
 
     for address, store in layout:
         units[address] = LogicalUnit(
             store, lun=address[2], target_luns=luns_of(address[0], address[1]),
             serial=unit_serial(target_port_name, *address), target_port_name=target_port_name,
-            read_only=read_only)
+            read_only=read_only, peers=peers_of(address[0], address[1]))
     return units

@@ -223,7 +223,7 @@ def expand_luns(luns: LunSpecs) -> list[tuple[int, LunSpec]]:
         spec = tuple(raw)
         lun = next_lun if first is None else _check_lun(first)
         count = 1
-        if spec and spec[0] == "ram" and len(spec) == 3:
+        if spec and spec[0] == "ram" and len(spec) == 3 and not isinstance(spec[2], Mapping):
             count = spec[2]
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"a ('ram', size, count) spec needs a count >= 1: {spec!r}")
@@ -452,7 +452,8 @@ def open_unit(rp: RemotePort, lun: int, spec: LunSpec, block_size: int) -> Logic
         # target_luns is the port's live inventory: a LUN added later shows up in the
         # neighbours' REPORT LUNS without touching them.
         return LogicalUnit(store, lun=lun, target_luns=rp.luns, serial=_fc_serial(rp.wwpn, lun),
-                           target_port_name=rp.target_port_name, read_only=read_only)
+                           target_port_name=rp.target_port_name, read_only=read_only,
+                           peers=lambda: rp.units)
     except BaseException:
         store.close()
         raise

@@ -19,6 +19,9 @@ Design points worth knowing before changing anything here:
 * Per-I/O work (READ/WRITE) takes no lock and builds no objects beyond the store's copy; unit
   attention and mode state sit behind one lock that the fast path only touches when the nexus
   has something pending.
+* Command-set modules test the same two attributes as READ/WRITE: ``_read_only`` (a read-only
+  unit or store, or the control page's SWP: fail with WRITE PROTECTED) and ``_stopped`` (fail
+  with ``_not_ready``: stopped, or MEDIUM NOT PRESENT once a removable medium is ejected).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import structlog
@@ -183,6 +186,7 @@ PAGE_ALL = 0x3F
 
 _WCE = 0x04  # caching page byte 2
 _D_SENSE = 0x04  # control page byte 2
+_SWP = 0x08  # control page byte 4
 
 _PAGE_DEFAULTS: dict[int, bytes] = {
     # AWRE and ARRE: reallocation is automatic (there is nothing to reallocate, nothing to report).
@@ -198,7 +202,8 @@ _PAGE_DEFAULTS: dict[int, bytes] = {
 _PAGE_CHANGEABLE: dict[int, bytes] = {
     PAGE_READ_WRITE_ERROR_RECOVERY: bytes(12),
     PAGE_CACHING: bytes((0, 0, _WCE)) + bytes(17),
-    PAGE_CONTROL: bytes((0, 0, _D_SENSE)) + bytes(9),
+    # SWP lets an initiator write-protect the medium (libiscsi's ModeSense6.Control-SWP).
+    PAGE_CONTROL: bytes((0, 0, _D_SENSE, 0, _SWP)) + bytes(7),
     PAGE_INFORMATIONAL_EXCEPTIONS: bytes(12),
 }
 _PC_CURRENT, _PC_CHANGEABLE, _PC_DEFAULT, _PC_SAVED = 0, 1, 2, 3
@@ -263,8 +268,11 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
 
     ``target_luns`` lists every LUN of the owning target (REPORT LUNS asks it on each call, so
     adding a LUN needs no change here beyond :meth:`establish_unit_attention` with
-    REPORTED_LUNS_DATA_CHANGED). ``execute`` may run concurrently on worker threads for a
-    blocking store.
+    REPORTED_LUNS_DATA_CHANGED); ``peers`` maps them to their units, the copy targets
+    EXTENDED COPY may name (without it the unit copies only within itself). ``removable``
+    makes a removable-medium unit (RMB): START STOP UNIT loads and ejects, PREVENT ALLOW
+    MEDIUM REMOVAL locks the medium in. ``execute`` may run concurrently on worker threads
+    for a blocking store.
     """
 
     def __init__(
@@ -283,17 +291,31 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         read_only: bool = False,
         optimal_transfer_blocks: int | None = None,
         max_transfer_blocks: int | None = None,
+        removable: bool = False,
+        peers: Callable[[], Mapping[int, LogicalUnit]] | None = None,
     ) -> None:
         self._store = store
         self._lun = lun
         self._target_luns = target_luns
-        self._read_only = read_only or store.read_only
+        # The other units of the target (by LUN), for EXTENDED COPY between them.
+        self._peers = peers
+        # Write protection from the configuration or the store; _read_only, what every write
+        # path tests, also follows the control page's SWP (set in _refresh_mode_flags).
+        self._medium_read_only = read_only or store.read_only
+        self._read_only = self._medium_read_only
+        self._removable = removable
         self._block_size = store.block_size
         self._num_blocks = store.num_blocks
         self._blocking = store.blocking
         bs = self._block_size
-        # Report a 4 KiB physical block so that initiators align I/O to pages.
-        self._lbppbe = max(0, (4096 // bs).bit_length() - 1)
+        # Logical blocks per physical block, as the store declares it (4 KiB by default, so
+        # initiators align I/O to the pages the stores allocate in).
+        physical = store.physical_block_size or max(bs, 4096)
+        per_physical = physical // bs
+        if physical % bs or per_physical & (per_physical - 1) or per_physical > 1 << 15:
+            raise ValueError(f"physical block of {physical} bytes for {bs}-byte blocks")
+        self._lbppbe = per_physical.bit_length() - 1
+        self._page_blocks = max(1, 4096 // bs, per_physical)
         self._max_transfer = max_transfer_blocks if max_transfer_blocks else max(1, 8 * _MIB // bs)
         self._optimal_transfer = (
             optimal_transfer_blocks if optimal_transfer_blocks else max(1, _MIB // bs)
@@ -322,11 +344,14 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         self._pending: dict[int, list[SenseCode]] = {}
         # Known nexuses with nothing pending: the fast path's lock-free membership test.
         self._clear: set[int] = set()
-        # Nexuses holding a PREVENT MEDIUM REMOVAL (meaningless on a fixed disk, but per-nexus state).
+        # Nexuses holding a PREVENT MEDIUM REMOVAL: while any does, the medium stays put.
         self._prevent: set[int] = set()
         # I_T nexus -> (initiator port name, target port name), from the front end.
         self._nexus_ports: dict[int, tuple[str, str]] = {}
+        # _stopped: media access fails with _not_ready (stopped, or no medium after an eject).
         self._stopped = False
+        self._ejected = False
+        self._not_ready = S.NOT_READY_STOPPED
         self._pages: dict[int, bytearray] = {}
         self._d_sense = False
         self._wce = True
@@ -365,7 +390,21 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
 
     @property
     def read_only(self) -> bool:
+        """Write-protected by configuration or by its store (SWP aside)."""
+        return self._medium_read_only
+
+    @property
+    def write_protected(self) -> bool:
+        """Writes are refused: read-only, or the control page's SWP is set."""
         return self._read_only
+
+    @property
+    def removable(self) -> bool:
+        return self._removable
+
+    @property
+    def medium_present(self) -> bool:
+        return not self._ejected
 
     @property
     def stopped(self) -> bool:
@@ -383,6 +422,12 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
     @property
     def naa_id(self) -> int:
         return self._naa_id
+
+    def peer_units(self) -> Mapping[int, LogicalUnit]:
+        """The units of this unit's target by LUN (this one included), for EXTENDED COPY."""
+        if self._peers is None:
+            return {self._lun: self}
+        return self._peers()
 
     @property
     def commands(self) -> tuple[CommandSpec, ...]:
@@ -403,22 +448,24 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         return nexus not in self._clear
 
     def needs_blocking_io(self, srb: Srb) -> bool:
-        """True when ``execute(srb)`` will touch a store whose I/O may block (run it off the loop)."""
-        if not self._blocking:
-            return False
+        """True when ``execute(srb)`` may block: it touches a store whose I/O may block, or it
+        waits for a long operation (SANITIZE) whatever the store. Run it off the loop."""
         cdb = srb.cdb
-        return bool(cdb) and cdb[0] in _STORE_OPCODES
+        if not cdb:
+            return False
+        op = cdb[0]
+        return op == Op.SANITIZE or (self._blocking and op in _STORE_OPCODES)
 
     def reset(self, kind: ResetKind) -> None:
         """Apply a reset: every known nexus gets the matching unit attention (replacing whatever
         was pending), mode parameters return to their defaults (nothing is saved), per-nexus
-        state is cleared. A power-on also starts a stopped unit."""
+        state is cleared. A power-on also starts a stopped unit (an ejected medium stays out)."""
         code = _RESET_UA[kind]
         self._reservations_reset(kind)
         with self._lock:
             self._restore_mode_pages()
             if kind is ResetKind.POWER_ON:
-                self._stopped = False
+                self._stopped = self._ejected
             self._prevent.clear()
             self._clear.clear()
             for pending in self._pending.values():
@@ -435,6 +482,7 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
     def nexus_gone(self, nexus: int) -> None:
         """The I_T nexus ended (session closed): forget it. If it returns it is new again."""
         self._reservations_nexus_gone(nexus)
+        self._copy_nexus_gone(nexus)
         with self._lock:
             self._pending.pop(nexus, None)
             self._clear.discard(nexus)
@@ -489,6 +537,8 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
             return
         op = cdb[0]
         handler = self._handlers[op]
+        if self._sanitizing and self._sanitize_gate(srb, op):
+            return  # a SANITIZE runs: NOT READY, SANITIZE IN PROGRESS for most commands
         if srb.nexus not in self._clear and self._unit_attention(srb, op):
             return
         if self._reserved and self._reservation_conflict(srb, op):
@@ -620,7 +670,7 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
             self._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=layout.length_offset)
             return False
         if self._stopped:
-            self._fail(srb, S.NOT_READY_STOPPED)
+            self._fail(srb, self._not_ready)
             return False
         return True
 
@@ -737,6 +787,9 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         self._good(srb, 0, 0)
 
     def _read_capacity_10(self, srb: Srb, cdb: bytes) -> None:
+        if self._ejected:
+            self._fail(srb, S.MEDIUM_NOT_PRESENT)
+            return
         if not cdb[8] & 0x01 and _U32(cdb, 2)[0]:
             # Without PMI the LBA field must be zero (SBC-3).
             self._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=2)
@@ -746,6 +799,9 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         self._data_in(srb, data, 8)
 
     def _read_capacity_16(self, srb: Srb, cdb: bytes) -> None:
+        if self._ejected:
+            self._fail(srb, S.MEDIUM_NOT_PRESENT)
+            return
         allocation = _U32(cdb, 10)[0]
         data = struct.pack(
             ">QIBBH16x",
@@ -763,7 +819,7 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
 
     def _test_unit_ready(self, srb: Srb, cdb: bytes) -> None:
         if self._stopped:
-            self._fail(srb, S.NOT_READY_STOPPED)
+            self._fail(srb, self._not_ready)
             return
         self._good(srb, 0, 0)
 
@@ -777,22 +833,51 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
             # A power condition transition: nothing to model, and START/LOEJ are ignored (SBC-3).
             self._good(srb, 0, 0)
             return
+        start = bool(control & 0x01)
         if control & 0x02:
-            # LOEJ on a fixed medium: there is nothing to load or eject.
-            self._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=4, bit_pointer=1)
+            self._load_eject(srb, start, flush=not control & 0x04)
             return
-        if control & 0x01:
+        if start:
             with self._lock:
-                self._stopped = False
+                # Spinning up does not bring back an ejected medium.
+                self._stopped = self._ejected
         else:
-            if not control & 0x04:  # NO_FLUSH clear: write the cache back before stopping
+            if not control & 0x04 and not self._ejected:  # NO_FLUSH clear: write back first
                 try:
                     self._store.flush()
                 except OSError:
                     self._fail(srb, S.WRITE_ERROR)
                     return
-            with self._lock:
-                self._stopped = True
+            if not self._removable:
+                with self._lock:
+                    self._stopped = True
+            # A removable-medium drive spins up again on the next access (as USB sticks and
+            # optical drives do): stopping it is not visible, and libiscsi's
+            # StartStopUnit.NoLoej expects TEST UNIT READY to stay GOOD.
+        self._good(srb, 0, 0)
+
+    def _load_eject(self, srb: Srb, load: bool, flush: bool) -> None:
+        if not self._removable:
+            # LOEJ on a fixed medium: there is nothing to load or eject.
+            self._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=4, bit_pointer=1)
+            return
+        with self._lock:
+            prevented = bool(self._prevent)
+        if prevented:
+            # Loading is refused as well: libiscsi's PreventAllow.Eject expects it, and a drive
+            # with its tray locked cannot take a cartridge in either.
+            self._fail(srb, S.MEDIUM_REMOVAL_PREVENTED)
+            return
+        if not load and flush and not self._ejected:
+            try:
+                self._store.flush()
+            except OSError:
+                self._fail(srb, S.WRITE_ERROR)
+                return
+        with self._lock:
+            self._ejected = not load
+            self._stopped = not load
+            self._not_ready = S.NOT_READY_STOPPED if load else S.MEDIUM_NOT_PRESENT
         self._good(srb, 0, 0)
 
     def _prevent_allow(self, srb: Srb, cdb: bytes) -> None:
@@ -847,7 +932,7 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
     def _build_standard_inquiry(self) -> bytes:
         data = bytearray(96)
         data[0] = PERIPHERAL_DIRECT_ACCESS_BLOCK  # qualifier 0: connected
-        data[1] = 0x00  # not removable
+        data[1] = 0x80 if self._removable else 0x00  # RMB
         data[2] = 0x06  # SPC-4
         data[3] = 0x10 | 0x02  # HISUP, response data format 2
         data[4] = len(data) - 5
@@ -884,7 +969,7 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         pages[0x83] = self._vpd_page(0x83, b"".join(designators))
 
         limits = bytearray(0x3C)
-        struct.pack_into(">H", limits, 2, 1 << self._lbppbe)  # optimal transfer granularity
+        struct.pack_into(">H", limits, 2, self._page_blocks)  # optimal transfer granularity
         struct.pack_into(">I", limits, 4, self._max_transfer)
         struct.pack_into(">I", limits, 8, self._optimal_transfer)
         # The provisioning module fills in what its commands allow (prefetch, unmap, write
@@ -894,10 +979,17 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
 
         characteristics = bytearray(0x3C)
         struct.pack_into(">H", characteristics, 0, 0x0001)  # medium rotation rate: non-rotating
+        if any(spec.handler == "_sanitize" for spec in COMMANDS):
+            # WABEREQ = WACEREQ = 01b: after a block or crypto erase, reads succeed (the
+            # sanitized blocks are deallocated and read as zeros).
+            characteristics[3] = 0x50
         pages[0xB1] = self._vpd_page(0xB1, bytes(characteristics))
 
         # Logical block provisioning (LBPU, LBPWS, provisioning type...): the module's say.
         pages[0xB2] = self._vpd_page(0xB2, self._provisioning_vpd_b2())
+
+        # Third-party copy: what EXTENDED COPY accepts (the copy module's say).
+        pages[0x8F] = self._vpd_page(0x8F, self._copy_vpd_8f())
 
         supported = sorted({0x00, *pages})
         pages[0x00] = self._vpd_page(0x00, bytes(supported))
@@ -911,8 +1003,11 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         self._refresh_mode_flags()
 
     def _refresh_mode_flags(self) -> None:
-        self._d_sense = bool(self._pages[PAGE_CONTROL][2] & _D_SENSE)
+        control = self._pages[PAGE_CONTROL]
+        self._d_sense = bool(control[2] & _D_SENSE)
         self._wce = bool(self._pages[PAGE_CACHING][2] & _WCE)
+        # SWP: no need to flush first, what was written stays written; new writes are refused.
+        self._read_only = self._medium_read_only or bool(control[4] & _SWP)
 
     def _block_descriptor(self, long_lba: bool, pc: int) -> bytes:
         if pc == _PC_CHANGEABLE:
@@ -951,7 +1046,8 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
             else:
                 body = b"".join(_PAGE_DEFAULTS[c] for c in codes)
         descriptor = b"" if dbd else self._block_descriptor(long_lba, pc)
-        # Device-specific parameter: WP for a read-only unit, DPOFUA (both bits honoured).
+        # Device-specific parameter: WP when write-protected (SWP included), DPOFUA (both bits
+        # honoured).
         device_specific = (0x80 if self._read_only else 0x00) | 0x10
         if ten:
             total = 8 + len(descriptor) + len(body)

@@ -96,6 +96,10 @@ _ENTRY: Final = struct.Struct("<B7xQ")
 _CRC: Final = struct.Struct("<I")
 
 
+# GET LBA STATUS looks at no more strips than this per call.
+_ALLOCATION_STRIPS = 256
+
+
 class RaidLevel(enum.IntEnum):
     RAID0 = 0
     RAID1 = 1
@@ -332,6 +336,9 @@ class RaidVolume(BlockStore):
         self.name = name
         self.read_only = read_only or any(s is not None and s.read_only for s in stores)
         self.blocking = any(s is not None and s.blocking for s in stores)
+        # The members' physical block when they agree on one.
+        physical = {s.physical_block_size for s in stores if s is not None}
+        self.physical_block_size = physical.pop() if len(physical) == 1 else None
         self.rebuild_checkpoint = max(strip_size, rebuild_checkpoint)
         self._n = n
         self._generation = generation
@@ -596,6 +603,115 @@ class RaidVolume(BlockStore):
         # A member that failed mid-write is already out; only a lost volume fails the write.
         self._check_online()
         return n
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Thin provisioning: mirrored levels pass the range to every in-sync copy (a member
+        that cannot deallocate writes zeros). RAID 5 deallocates whole stripes on every
+        member, parity included (the parity of zero strips is zero, so the stripe stays
+        consistent); the partial stripes at either end get zeros through the normal write
+        path, which updates their parity."""
+        if self.read_only:
+            raise PermissionError(f"RAID volume '{self.name}' is read-only")
+        self._check_range(offset, length)
+        if length <= 0:
+            return
+        if self.level is RaidLevel.RAID5:
+            self._deallocate_raid5(offset, length)
+            return
+        self._check_online()
+        pieces = list(self._pieces(offset, length))
+        groups, strip, base = self._groups, self.strip_size, self.data_offset
+        locks: list[threading.Lock] = []
+        if self.level is not RaidLevel.RAID0:
+            ids = sorted({(logical // groups) % _LOCK_TABLE_SIZE for logical, _, _ in pieces})
+            locks = [self._row_locks[i] for i in ids]
+        for lock in locks:
+            lock.acquire()
+        try:
+            for logical, within, size in pieces:
+                group, row = logical % groups, logical // groups
+                targets = [m for m in self._group_members(group) if self._in_sync(m, row)]
+                if not targets:
+                    self._raise_offline()
+                for m in targets:
+                    store = self._members[m].store
+                    assert store is not None
+                    try:
+                        store.deallocate(base + row * strip + within, size)
+                    except OSError as exc:
+                        self._member_error(m, exc)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+        self._check_online()
+
+    def _deallocate_raid5(self, offset: int, length: int) -> None:
+        width = self.strip_size * self._data_strips
+        end = offset + length
+        first = -(-offset // width)  # first whole stripe
+        last = end // width  # one past the last whole stripe
+        if first >= last:
+            BlockStore.deallocate(self, offset, length)
+            return
+        if offset < first * width:
+            BlockStore.deallocate(self, offset, first * width - offset)
+        self._check_online()
+        strip, base = self.strip_size, self.data_offset
+        for stripe in range(first, last):
+            with self._row_locks[stripe % _LOCK_TABLE_SIZE]:
+                # A member out of sync for this stripe is skipped: rebuilt later from the
+                # others, it gets their zeros.
+                for m in range(self._n):
+                    if not self._in_sync(m, stripe):
+                        continue
+                    store = self._members[m].store
+                    assert store is not None
+                    try:
+                        store.deallocate(base + stripe * strip, strip)
+                    except OSError as exc:
+                        self._member_error(m, exc)
+            self._check_online()
+        if last * width < end:
+            BlockStore.deallocate(self, last * width, end - last * width)
+
+    def allocation_run(self, offset: int, limit: int) -> tuple[bool, int]:
+        """What the member holding the data says, strip by strip, adjacent strips of the same
+        state joined (up to a bounded number, the caller asks again from where this ends).
+        Data only a degraded stripe's parity can give back counts as mapped."""
+        self._check_range(offset, limit)
+        if limit <= 0:
+            return True, 0
+        state: bool | None = None
+        run = 0
+        for pieces, (logical, within, size) in enumerate(self._pieces(offset, limit)):
+            if pieces >= _ALLOCATION_STRIPS:
+                break
+            mapped, got = self._strip_allocation(logical, within, size)
+            if state is None:
+                state = mapped
+            elif mapped != state:
+                break
+            run += got
+            if got < size:
+                break
+        return (True if state is None else state), max(run, 1)
+
+    def _strip_allocation(self, logical: int, within: int, size: int) -> tuple[bool, int]:
+        strip, base = self.strip_size, self.data_offset
+        if self.level is RaidLevel.RAID5:
+            row, k = divmod(logical, self._data_strips)
+            candidates = [self._data_member(row, k)]
+        else:
+            group, row = logical % self._groups, logical // self._groups
+            candidates = list(self._group_members(group))
+        member = next((m for m in candidates if self._in_sync(m, row)), None)
+        store = self._members[member].store if member is not None else None
+        if store is None:
+            return True, size
+        try:
+            return store.allocation_run(base + row * strip + within, size)
+        except OSError:
+            return True, size
 
     def flush(self) -> None:
         self._check_online()

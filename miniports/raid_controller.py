@@ -111,6 +111,7 @@ class ControllerCache(BlockStore):
     def __init__(self, volume: RaidVolume, capacity: int = DEFAULT_CACHE_BYTES) -> None:
         self.volume = volume
         self.block_size = volume.block_size
+        self.physical_block_size = volume.physical_block_size
         self.num_blocks = volume.num_blocks
         self.blocking = volume.blocking
         self.read_only = volume.read_only
@@ -177,6 +178,53 @@ class ControllerCache(BlockStore):
             while len(self._dirty) > self.capacity_lines:
                 self._destage_oldest()
         return length
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Dirty lines inside the range are dropped (their data is being discarded anyway);
+        dirty lines the range only partly covers keep their other bytes, with the covered
+        bytes zeroed, so a later destage cannot bring the old data back."""
+        self._check_range(offset, length)
+        if self.read_only:
+            raise PermissionError("the logical drive is read-only")
+        if length <= 0:
+            return
+        line = self.line
+        end = offset + length
+        with self._lock:
+            if self._dirty:
+                first, last = offset // line, (end - 1) // line
+                if last - first + 1 > len(self._dirty):
+                    hits = [i for i in self._dirty if first <= i <= last]
+                else:
+                    hits = [i for i in range(first, last + 1) if i in self._dirty]
+                for index in hits:
+                    base = index * line
+                    start, stop = max(offset, base), min(end, base + line)
+                    if start == base and stop == base + line:
+                        del self._dirty[index]
+                    else:
+                        self._dirty[index][start - base : stop - base] = bytes(stop - start)
+            self.volume.deallocate(offset, length)
+
+    def allocation_run(self, offset: int, limit: int) -> tuple[bool, int]:
+        """The drive's answer, with dirty lines counted as mapped (they will be written)."""
+        self._check_range(offset, limit)
+        with self._lock:
+            mapped, run = self.volume.allocation_run(offset, limit)
+            if not self._dirty or mapped:
+                return mapped, run
+            line = self.line
+            dirty = [i for i in self._dirty if i * line < offset + run and (i + 1) * line > offset]
+            if not dirty:
+                return mapped, run
+            first = min(dirty)
+            if first * line > offset:
+                return False, first * line - offset
+            # Mapped through the run of consecutive dirty lines from here.
+            last = first
+            while last + 1 in self._dirty and (last + 1) * line < offset + limit:
+                last += 1
+            return True, min(limit, (last + 1) * line - offset)
 
     def _destage_oldest(self) -> None:
         index, data = self._dirty.popitem(last=False)
@@ -369,6 +417,10 @@ class RaidMiniport(DiskMiniport):
         def luns_of(path_id: int, target_id: int) -> Callable[[], list[int]]:
             return lambda: sorted(a[2] for a in units if a[:2] == (path_id, target_id))
 
+        # EXTENDED COPY's copy targets: the units of the same target.
+        def peers_of(path_id: int, target_id: int) -> Callable[[], dict[int, LogicalUnit]]:
+            return lambda: {a[2]: u for a, u in units.items() if a[:2] == (path_id, target_id)}
+
         for path_id, target_id, port_name, luns in targets:
             for lun, array, read_only in luns:
                 store: BlockStore = caches.get(array) or arrays[array]
@@ -376,7 +428,8 @@ class RaidMiniport(DiskMiniport):
                 units[address] = LogicalUnit(
                     store, lun=lun, target_luns=luns_of(path_id, target_id),
                     serial=unit_serial(port_name, *address), target_port_name=port_name,
-                    read_only=read_only, product=f"RAID{int(arrays[array].level)} {array}"[:16])
+                    read_only=read_only, product=f"RAID{int(arrays[array].level)} {array}"[:16],
+                    peers=peers_of(path_id, target_id))
 
         def build(irq: Irq) -> RaidController:
             return RaidController(units, arrays, caches, irq=irq, slots=slots,

@@ -14,6 +14,9 @@ mmap, no MADV_HUGEPAGE.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import mmap
 import os
 import stat
@@ -27,6 +30,23 @@ try:
     _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
 except (ValueError, OSError):  # pragma: no cover - every Linux has it
     _IOV_MAX = 1024
+
+
+_PAGE = mmap.PAGESIZE
+# Zero-fill chunk for stores that cannot deallocate: bounded so a large WRITE SAME with UNMAP
+# does not allocate its whole range at once.
+_ZERO_CHUNK = 1 << 20
+_ZERO_PAGE = bytes(_PAGE)
+# Bytes of a RAM store examined per allocation_run call.
+_ALLOCATION_WINDOW = 256 << 20
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc.fallocate.restype = ctypes.c_int
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+_libc.mincore.restype = ctypes.c_int
 
 
 def _check_geometry(block_size: int, num_blocks: int) -> None:
@@ -48,6 +68,9 @@ class BlockStore(ABC):
     num_blocks: int = 0
     blocking: bool = False
     read_only: bool = False
+    # The physical block the unit reports (a power-of-two number of logical blocks); None:
+    # 4 KiB, or the logical block if that is larger, as drives of today report.
+    physical_block_size: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -78,6 +101,26 @@ class BlockStore(ABC):
         if offset < 0 or length < 0 or offset + length > self.capacity:
             raise ValueError(f"range {offset}+{length} outside a {self.capacity}-byte store")
 
+    # Thin provisioning. The defaults suit any store: deallocated bytes read back as zeros
+    # because they are written as zeros, and everything counts as mapped. Stores that can
+    # give space back (RAM pages, file holes) override both.
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Release ``length`` bytes at ``offset``; afterwards they read back as zeros."""
+        self._check_range(offset, length)
+        zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, zeros.nbytes)
+            self.write_from(offset, n, [zeros[:n]])
+            offset += n
+
+    def allocation_run(self, offset: int, limit: int) -> tuple[bool, int]:
+        """(mapped, length): whether the byte at ``offset`` is backed by storage and how many
+        bytes from there, at most ``limit``, share that state."""
+        self._check_range(offset, limit)
+        return True, limit
+
 
 class RamStore(BlockStore):
     """Volatile store in a private anonymous mapping: zero pages until written."""
@@ -92,6 +135,11 @@ class RamStore(BlockStore):
             -1, block_size * num_blocks, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         )
         self._view = memoryview(self._map)
+        # The mapping's address, for mincore(); the ctypes export is dropped at once so the
+        # map can still be closed.
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self._address = ctypes.addressof(anchor)
+        del anchor
 
     @classmethod
     def of_size(cls, size_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE) -> RamStore:
@@ -125,6 +173,57 @@ class RamStore(BlockStore):
 
     def flush(self) -> None:
         """Nothing to make durable: RAM is as durable as this store gets."""
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Whole pages go back to the kernel (a private anonymous page reads as zeros after
+        MADV_DONTNEED); the partial pages at either end are zeroed in place."""
+        self._check_range(offset, length)
+        end = offset + length
+        first = -(-offset // _PAGE) * _PAGE
+        last = end // _PAGE * _PAGE
+        view = self._view
+        if first >= last:
+            view[offset:end] = bytes(length)
+            return
+        if offset < first:
+            view[offset:first] = bytes(first - offset)
+        if last < end:
+            view[last:end] = bytes(end - last)
+        assert self._map is not None
+        self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def allocation_run(self, offset: int, limit: int) -> tuple[bool, int]:
+        """A page is mapped when it is resident (mincore) and holds a nonzero byte. Reading
+        an untouched page maps the shared zero page, and a thin unit with LBPRZ may count a
+        zero-filled block as deallocated, so all-zero pages are reported deallocated."""
+        self._check_range(offset, limit)
+        if limit == 0:
+            return True, 0
+        # One call looks at a bounded window; the caller asks again from where this ends.
+        end = min(offset + limit, offset + _ALLOCATION_WINDOW)
+        first = offset // _PAGE * _PAGE
+        pages = -(-(end - first) // _PAGE)
+        vec = ctypes.create_string_buffer(pages)
+        if _libc.mincore(self._address + first, end - first, vec) != 0:
+            return True, limit
+        resident = vec.raw
+        view = self._view
+        capacity = self.capacity
+
+        def mapped(i: int) -> bool:
+            if not resident[i] & 1:
+                return False
+            start = first + i * _PAGE
+            return (
+                view[start : min(start + _PAGE, capacity)]
+                != _ZERO_PAGE[: min(_PAGE, capacity - start)]
+            )
+
+        state = mapped(0)
+        run = 1
+        while run < pages and mapped(run) == state:
+            run += 1
+        return state, min(first + run * _PAGE, end) - offset
 
     def close(self) -> None:
         if self._map is not None:
@@ -255,6 +354,37 @@ class FileStore(BlockStore):
     def flush(self) -> None:
         if not self.read_only:
             os.fdatasync(self._fd)
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Punch a hole (the file keeps its size; the kernel zeroes partial filesystem blocks);
+        where the filesystem or device cannot, write zeros instead."""
+        if self.read_only:
+            raise PermissionError(f"{self.path} is open read-only")
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _libc.fallocate(self._fd, mode, offset, length) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+            raise OSError(err, os.strerror(err), self.path)
+        super().deallocate(offset, length)
+
+    def allocation_run(self, offset: int, limit: int) -> tuple[bool, int]:
+        """Data and holes as SEEK_DATA/SEEK_HOLE see them (filesystem-block granular)."""
+        self._check_range(offset, limit)
+        end = offset + limit
+        try:
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but hole from here to the end of file
+                return False, limit
+            return True, limit  # no SEEK_DATA here (a block device, say): all mapped
+        if data > offset:
+            return False, min(data, end) - offset
+        hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
+        return True, min(hole, end) - offset
 
     def close(self) -> None:
         if self._fd >= 0:

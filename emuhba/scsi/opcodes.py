@@ -34,10 +34,12 @@ class Op(IntEnum):
     VERIFY_10 = 0x2F
     PRE_FETCH_10 = 0x34
     SYNCHRONIZE_CACHE_10 = 0x35
+    READ_DEFECT_DATA_10 = 0x37
     WRITE_BUFFER = 0x3B
     READ_BUFFER = 0x3C
     WRITE_SAME_10 = 0x41
     UNMAP = 0x42
+    SANITIZE = 0x48
     LOG_SELECT = 0x4C
     LOG_SENSE = 0x4D
     MODE_SELECT_10 = 0x55
@@ -59,6 +61,7 @@ class Op(IntEnum):
     PRE_FETCH_16 = 0x90
     SYNCHRONIZE_CACHE_16 = 0x91
     WRITE_SAME_16 = 0x93
+    WRITE_ATOMIC_16 = 0x9C
     SERVICE_ACTION_IN_16 = 0x9E
     SERVICE_ACTION_OUT_16 = 0x9F
     REPORT_LUNS = 0xA0
@@ -71,6 +74,7 @@ class Op(IntEnum):
     WRITE_VERIFY_12 = 0xAE
     VERIFY_12 = 0xAF
     SECURITY_PROTOCOL_OUT = 0xB5
+    READ_DEFECT_DATA_12 = 0xB7
 
 
 class ServiceActionIn16(IntEnum):

@@ -107,6 +107,29 @@ COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = SenseCode.of(
 INQUIRY_DATA_CHANGED = SenseCode.of(_UA, _o.ASC_INQUIRY_DATA_HAS_CHANGED)
 REPORTED_LUNS_DATA_CHANGED = SenseCode.of(_UA, _o.ASC_REPORTED_LUNS_DATA_HAS_CHANGED)
 
+# --- Reservations (miniports/lu_reservations.py) ---
+RESERVATIONS_PREEMPTED = SenseCode(int(_UA), 0x2A, 0x03)
+RESERVATIONS_RELEASED = SenseCode(int(_UA), 0x2A, 0x04)
+REGISTRATIONS_PREEMPTED = SenseCode(int(_UA), 0x2A, 0x05)
+INVALID_RELEASE_OF_PERSISTENT_RESERVATION = SenseCode(int(_ILL), 0x26, 0x04)
+INSUFFICIENT_REGISTRATION_RESOURCES = SenseCode(int(_ILL), 0x55, 0x04)
+# --- end reservations ---
+
+# --- Removable media, third-party copy (miniports/lu.py, miniports/lu_copy.py) ---
+MEDIUM_REMOVAL_PREVENTED = SenseCode(int(_ILL), 0x53, 0x02)
+TOO_MANY_TARGET_DESCRIPTORS = SenseCode(int(_ILL), 0x26, 0x06)
+UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE = SenseCode(int(_ILL), 0x26, 0x07)
+TOO_MANY_SEGMENT_DESCRIPTORS = SenseCode(int(_ILL), 0x26, 0x08)
+UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE = SenseCode(int(_ILL), 0x26, 0x09)
+INLINE_DATA_LENGTH_EXCEEDED = SenseCode(int(_ILL), 0x26, 0x0B)
+COPY_SEGMENT_GRANULARITY_VIOLATION = SenseCode(int(_ILL), 0x26, 0x0D)
+OPERATION_IN_PROGRESS = SenseCode(int(_ILL), 0x00, 0x16)
+# COPY ABORTED: the copy manager gave up on a segment (the copy target's own error is in the ASC).
+COPY_ABORTED = SenseCode(int(SenseKey.COPY_ABORTED), 0x00, 0x00)
+COPY_TARGET_DEVICE_NOT_REACHABLE = SenseCode(int(SenseKey.COPY_ABORTED), 0x0D, 0x02)
+COPY_INCORRECT_TARGET_DEVICE_TYPE = SenseCode(int(SenseKey.COPY_ABORTED), 0x0D, 0x03)
+# --- end removable media, third-party copy ---
+
 
 def _sense_key_specific(
     code: SenseCode, field_pointer: int | None, cd: bool, bit_pointer: int | None

@@ -68,6 +68,20 @@ def test_a_good_config_parses_to_settings() -> None:
     luns = config.targets[0].luns
     assert [(e.lun, e.source, e.read_only) for e in luns] == [(0, "r0", False), (3, "f0", True)]
     assert config.portals == (("0.0.0.0", 3260),)
+    assert config.stores[0].physical_block_size is None
+
+
+def test_physical_block_size_reaches_the_store(tmp_path: Path) -> None:
+    from emuhba.installation import open_store
+
+    text = GOOD.replace('size = "8M"', 'size = "8M"\nphysical_block_size = 512')
+    store_config = parse_config(text, "x.toml", base=tmp_path).stores[0]
+    assert store_config.physical_block_size == 512
+    store = open_store(store_config)
+    try:
+        assert store.physical_block_size == 512
+    finally:
+        store.close()
 
 
 def test_key_lines_follow_arrays_of_tables_and_inline_items() -> None:
@@ -106,6 +120,9 @@ def test_key_lines_follow_arrays_of_tables_and_inline_items() -> None:
      "or naa."),
     (('size = 4194304', 'size = 4194305'),
      "x.toml:10: stores[1].size: 4194305 bytes is not a whole number of 512-byte blocks"),
+    (('size = 4194304', 'size = 4194304\nphysical_block_size = 1536'),
+     "x.toml:11: stores[1].physical_block_size: must be the block size (512) times a power "
+     "of two, not 1536"),
 ])
 def test_each_problem_names_file_line_and_key(change: tuple[str, str], expected: str) -> None:
     assert GOOD.count(change[0]) == 1

@@ -195,6 +195,22 @@ def test_lun_specs_expand_and_validate(tmp_path: Path) -> None:
         RemotePortSpec.of({"wwpn": ARRAY_A, "lunz": []})
     spec = RemotePortSpec.of({"wwpn": ARRAY_A, "bus": 1, "count": 4, "size": LUN_SIZE})
     assert [n for n, _ in expand_luns(spec.luns)] == [0, 1, 2, 3] and spec.bus == 1
+    # A trailing mapping carries store options; it is not a RAM LUN count.
+    with_options = ("ram", LUN_SIZE, {"physical_block_size": 512})
+    assert expand_luns([with_options]) == [(0, with_options)]
+    with pytest.raises(ValueError, match="unknown store options"):
+        expand_luns([("ram", LUN_SIZE, {"sector": 512})])
+
+
+async def test_store_options_reach_the_unit() -> None:
+    luns = [("ram", LUN_SIZE, {"physical_block_size": 512}), ("ram", LUN_SIZE)]
+    hba, mp = await fc_hba([RemotePortSpec(ARRAY_A, target_id=3, luns=luns)])
+    try:
+        units = mp.controller.units
+        exponents = sorted((address[2], lu._lbppbe) for address, lu in units.items())
+        assert exponents == [(0, 0), (1, 3)]  # 512-byte physical, then the 4 KiB default
+    finally:
+        await hba.stop()
 
 
 @pytest.mark.parametrize(("spec", "kwargs", "error", "why"), [

@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from emuhba.hba import Hba, report_luns_data
 from emuhba.scsi.sense import parse_sense
 from emuhba.srb import DataDirection, ScsiStatus, Srb, SrbStatus
@@ -411,4 +413,53 @@ async def test_descriptor_sense_from_the_device_passes_through_when_d_sense_is_s
     assert past_end.scsi_status == ScsiStatus.CHECK_CONDITION
     assert past_end.sense[0] == 0x72  # descriptor format, as the device made it
     assert parse_sense(past_end.sense).code == (0x5, 0x21, 0x00)
+    await hba.stop()
+
+
+def sanitize_overwrite(pattern: bytes) -> tuple[bytes, bytes]:
+    parameters = bytes((0x01, 0)) + len(pattern).to_bytes(2, "big") + pattern
+    return bytes((0x48, 0x01, 0, 0, 0, 0, 0)) + len(parameters).to_bytes(2, "big") + b"\x00", \
+        parameters
+
+
+@pytest.mark.parametrize("how", ["abort", "lun reset"])
+async def test_a_waiting_sanitize_ends_on_abort_or_reset_and_the_sanitize_goes_on(
+        how: str) -> None:
+    hba = await ram_hba(luns=1)
+    miniport = hba._miniport
+    assert isinstance(miniport, DiskMiniport)
+    unit = next(iter(miniport.controller.units.values()))
+    unit._overwrite_seconds = 1.5  # the modelled length of an overwrite pass
+    for nexus in (1, 2, 3):  # each nexus takes its power-on unit attention first
+        await run(hba, command(TUR, nexus=nexus))
+    done = Completions()
+    cdb, parameters = sanitize_overwrite(b"\xa5" * BS)
+    srb = command(cdb, data_out=parameters, tag=9, done=done)
+    hba.execute(srb)
+    await asyncio.sleep(0.2)
+    assert not done.srbs  # it waits for the overwrite
+    started = time.monotonic()
+    result: list[bool] = []
+    if how == "abort":
+        hba.abort_task(srb, result.append)
+    else:
+        hba.reset_lun(0, 0, 0, result.append)
+    await done.wait(1)
+    while not result:
+        await asyncio.sleep(0.001)
+    assert result == [True] and time.monotonic() - started < 1.0
+    assert srb.scsi_status == ScsiStatus.TASK_ABORTED or srb.srb_status != SrbStatus.SUCCESS
+    # The operation itself carries on: the unit still reports it, then finishes it.
+    tur = await run(hba, command(TUR, nexus=2))
+    assert tur.scsi_status == ScsiStatus.CHECK_CONDITION
+    assert parse_sense(tur.sense).code == (0x2, 0x04, 0x1B)
+    deadline = time.monotonic() + 5.0
+    while True:
+        tur = await run(hba, command(TUR, nexus=3))
+        if tur.scsi_status == ScsiStatus.GOOD:
+            break
+        assert time.monotonic() < deadline, "the sanitize never ended"
+        await asyncio.sleep(0.05)
+    read = await run(hba, command(rw10(False, 7, 1), data_in=BS, nexus=3))
+    assert data_of(read) == b"\xa5" * BS
     await hba.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -242,3 +242,166 @@ def test_file_store_concurrent_workers(tmp_path: Path) -> None:
         t.join()
     s.close()
     assert not errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Thin provisioning: deallocate and allocation_run
+# ---------------------------------------------------------------------------------------------
+
+
+def _fill(store: BlockStore, offset: int, data: bytes) -> None:
+    store.write_from(offset, len(data), [memoryview(data)])
+
+
+def _read(store: BlockStore, offset: int, length: int) -> bytes:
+    out = bytearray(length)
+    store.read_into(offset, length, [memoryview(out)])
+    return bytes(out)
+
+
+class _PlainStore(BlockStore):
+    """A store with only the abstract methods: the ABC's provisioning defaults apply."""
+
+    def __init__(self, size: int) -> None:
+        self.num_blocks = size // 512
+        self.data = bytearray(size)
+
+    def read_into(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
+        bufs[0][:length] = self.data[offset : offset + length]
+        return length
+
+    def write_from(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
+        self.data[offset : offset + length] = bufs[0][:length]
+        return length
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_default_deallocate_writes_zeros_and_reports_mapped() -> None:
+    s = _PlainStore(3 << 20)
+    s.data[:] = b"\x55" * len(s.data)
+    s.deallocate(512, (2 << 20) + 512)  # larger than one zero chunk
+    assert s.data[:512] == b"\x55" * 512
+    assert s.data[512 : (2 << 20) + 1024] == bytes((2 << 20) + 512)
+    assert s.data[(2 << 20) + 1024 :] == b"\x55" * (len(s.data) - (2 << 20) - 1024)
+    assert s.allocation_run(0, 4096) == (True, 4096)
+    with pytest.raises(ValueError):
+        s.deallocate(len(s.data) - 512, 1024)
+
+
+def test_ram_store_deallocate_whole_and_partial_pages() -> None:
+    s = RamStore(64, 512)  # 8 pages of 4 KiB
+    try:
+        assert s.allocation_run(0, s.capacity) == (False, s.capacity)
+        _fill(s, 0, b"\xaa" * s.capacity)
+        assert s.allocation_run(0, s.capacity) == (True, s.capacity)
+        s.deallocate(4096 + 512, 3 * 4096)  # partial page, two whole pages, partial page
+        assert _read(s, 4096, 512) == b"\xaa" * 512
+        assert _read(s, 4096 + 512, 3 * 4096) == bytes(3 * 4096)
+        assert _read(s, 4 * 4096 + 512, 512) == b"\xaa" * 512
+        assert s.allocation_run(0, s.capacity) == (True, 2 * 4096)
+        assert s.allocation_run(2 * 4096, s.capacity - 2 * 4096) == (False, 2 * 4096)
+        assert s.allocation_run(2 * 4096 + 512, 1024) == (False, 1024)
+        # A page only read, or written with zeros, holds no data: it counts as deallocated.
+        _read(s, 2 * 4096, 4096)
+        _fill(s, 3 * 4096, bytes(4096))
+        assert s.allocation_run(2 * 4096, 2 * 4096) == (False, 2 * 4096)
+    finally:
+        s.close()
+
+
+def test_file_store_punches_holes(tmp_path: Path) -> None:
+    s = FileStore(tmp_path / "thin.img", 1 << 20)
+    try:
+        assert s.allocation_run(0, s.capacity) == (False, s.capacity)
+        _fill(s, 0, b"\x77" * (256 << 10))
+        allocated = os.stat(s.path).st_blocks
+        assert s.allocation_run(0, s.capacity) == (True, 256 << 10)
+        s.deallocate(64 << 10, 128 << 10)
+        assert os.stat(s.path).st_blocks < allocated
+        assert os.path.getsize(s.path) == 1 << 20  # KEEP_SIZE
+        assert _read(s, 64 << 10, 128 << 10) == bytes(128 << 10)
+        assert _read(s, 0, 64 << 10) == b"\x77" * (64 << 10)
+        assert s.allocation_run(0, s.capacity) == (True, 64 << 10)
+        assert s.allocation_run(64 << 10, s.capacity - (64 << 10)) == (False, 128 << 10)
+        s.deallocate(1000, 24)  # inside one filesystem block: zeroed, still allocated
+        assert _read(s, 996, 32) == b"\x77" * 4 + bytes(24) + b"\x77" * 4
+    finally:
+        s.close()
+
+
+def test_file_store_deallocate_refused_when_read_only(tmp_path: Path) -> None:
+    FileStore(tmp_path / "ro.img", 4096).close()
+    s = FileStore(tmp_path / "ro.img", read_only=True)
+    try:
+        with pytest.raises(PermissionError):
+            s.deallocate(0, 512)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("level", [0, 1, 5, 10])
+def test_raid_volume_deallocate_reads_zeros(level: int) -> None:
+    from miniports.raid import RaidVolume
+
+    n = 4
+    members: list[BlockStore] = [RamStore.of_size(4096 + 64 * 1024, 512) for _ in range(n)]
+    volume = RaidVolume.create(members, level, 1024, "thin", metadata_size=4096)
+    try:
+        size = volume.capacity
+        _fill(volume, 0, bytes((i * 7) & 0xFF for i in range(size)))
+        volume.deallocate(1536, 5000)
+        data = _read(volume, 0, size)
+        assert data[1536 : 1536 + 5000] == bytes(5000)
+        assert data[:1536] == bytes((i * 7) & 0xFF for i in range(1536))
+        assert data[6536:] == bytes((i * 7) & 0xFF for i in range(6536, size))
+    finally:
+        volume.close()
+
+
+@pytest.mark.parametrize("failed", [0, 1, 2])
+def test_raid5_deallocate_keeps_parity_and_reports_whole_stripes_unmapped(failed: int) -> None:
+    from miniports.raid import RaidVolume
+
+    strip = 4096  # a page: RAM members give whole pages back
+    members: list[BlockStore] = [RamStore.of_size(4096 + 8 * strip, 512) for _ in range(3)]
+    volume = RaidVolume.create(members, 5, strip, "thin5", metadata_size=4096)
+    try:
+        size, width = volume.capacity, 2 * strip
+        pattern = bytes((i * 13 + 1) & 0xFF or 1 for i in range(size))
+        _fill(volume, 0, pattern)
+        assert volume.allocation_run(0, size) == (True, size)
+        # Half a stripe, two whole stripes, half a stripe.
+        start, length = width // 2, 3 * width
+        volume.deallocate(start, length)
+        assert volume.allocation_run(0, size)[0] is True
+        assert volume.allocation_run(width, 2 * width) == (False, 2 * width)
+        expected = pattern[:start] + bytes(length) + pattern[start + length :]
+        assert _read(volume, 0, size) == expected
+        # Parity still covers the data: any one member can go and nothing changes.
+        volume.fail_member(failed)
+        assert _read(volume, 0, size) == expected
+    finally:
+        volume.close()
+
+
+def test_controller_cache_deallocate_drops_dirty_lines() -> None:
+    from miniports.raid import RaidVolume
+    from miniports.raid_controller import ControllerCache
+
+    members: list[BlockStore] = [RamStore.of_size(4096 + 64 * 1024, 512) for _ in range(2)]
+    cache = ControllerCache(RaidVolume.create(members, 1, 1024, "c", metadata_size=4096))
+    try:
+        _fill(cache, 0, b"\x11" * 16384)  # four dirty lines
+        assert cache.allocation_run(0, 16384) == (True, 16384)
+        cache.deallocate(2048, 8192)  # half of line 0, all of line 1, half of line 2
+        assert cache.dirty_bytes == 3 * 4096
+        assert _read(cache, 0, 16384) == b"\x11" * 2048 + bytes(8192) + b"\x11" * 6144
+        cache.flush()
+        assert _read(cache, 0, 16384) == b"\x11" * 2048 + bytes(8192) + b"\x11" * 6144
+    finally:
+        cache.close()
