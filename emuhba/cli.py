@@ -265,7 +265,8 @@ async def serve(args: argparse.Namespace, config: ServerConfig | None = None) ->
                           data_digests=DIGEST_POLICIES[config.data_digest])
     settings = PortalSettings(limits=limits, advertise=list(config.advertise),
                               nop_interval=config.nop_interval_s,
-                              nop_timeout=config.nop_timeout_s)
+                              nop_timeout=config.nop_timeout_s,
+                              discovery_chap=config.discovery_chap)
     portal = TargetPortal(installation.nodes, settings)
     installation.attach_portal(portal)
     server = TargetServer(portal)

@@ -17,7 +17,9 @@ small scanner of the same text; a key it cannot place falls back to its nearest 
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from emuhba.miniport import PORT_MODEL_SCSIPORT, PORT_MODEL_STORPORT
+from target.chap import ChapPolicy, ChapSecret, parse_algorithms
+from target.portal import AccessEntry
 
 T = TypeVar("T")
 KeyPath = tuple[str | int, ...]
@@ -170,6 +174,8 @@ class TargetConfig:
     alias: str | None = None
     luns: tuple[LunMapEntry, ...] = ()
     remote_port: str | None = None  # FC: the remote port (WWPN) this target name stands for
+    chap: ChapPolicy | None = None  # logins must authenticate with CHAP
+    acl: tuple[AccessEntry, ...] | None = None  # only these initiators (None: everyone)
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,7 @@ class ServerConfig:
     # comes within nop_timeout_s; 0 turns pinging off.
     nop_interval_s: float = 10.0
     nop_timeout_s: float = 15.0
+    discovery_chap: ChapPolicy | None = None
     stores: tuple[StoreConfig, ...] = ()
     controllers: tuple[ControllerConfig, ...] = ()
     adapters: tuple[AdapterConfig, ...] = ()
@@ -571,7 +578,8 @@ class _Parser:
                                             "control", "metrics"))) or {}
         iscsi = r.attempt(lambda: r.table(doc.get("iscsi", {}), ("iscsi",),
                                           ("header_digest", "data_digest", "advertise",
-                                           "nop_interval_s", "nop_timeout_s"))) or {}
+                                           "nop_interval_s", "nop_timeout_s",
+                                           "discovery_auth"))) or {}
         portals = self._portals(doc)
         stores = self._each(doc, "stores", self._store)
         controllers = self._each(doc, "controllers", self._controller)
@@ -631,6 +639,8 @@ class _Parser:
                                     check=_non_negative),
             "nop_timeout_s": r.get(iscsi, "nop_timeout_s", ("iscsi",), float, 15.0,
                                    check=lambda v: None if v > 0 else f"must be above 0, not {v}"),
+            "discovery_chap": self._chap(iscsi["discovery_auth"], ("iscsi", "discovery_auth"))
+            if "discovery_auth" in iscsi else None,
             "control_socket": str(self.base / control_socket) if control_socket else None,
             "control": r.get(server, "control", ("server",), bool, True),
             "metrics": metrics,
@@ -882,7 +892,8 @@ class _Parser:
 
     def _target(self, item: Any, path: KeyPath) -> TargetConfig:
         r = self.r
-        table = r.table(item, path, ("name", "alias", "adapter", "luns", "remote_port"))
+        table = r.table(item, path, ("name", "alias", "adapter", "luns", "remote_port", "auth",
+                                     "acl"))
         name = r.get(table, "name", path, str, required=True,
                      check=lambda v: None if _IQN.match(v) and len(v) <= 223 else
                      "an iSCSI name is iqn.YYYY-MM.reversed.domain[:suffix], eui. or naa.")
@@ -890,9 +901,89 @@ class _Parser:
         luns = self._lun_map(table, path)
         if remote is not None and luns:
             raise r.fail((*path, "luns"), "an FC target's LUNs come from its remote port")
+        chap = self._chap(table["auth"], (*path, "auth")) if "auth" in table else None
+        acl = self._acl(table["acl"], (*path, "acl")) if "acl" in table else None
         return TargetConfig(name=name, adapter=r.get(table, "adapter", path, str, required=True),
                             alias=r.optional(table, "alias", path, str), luns=luns,
-                            remote_port=remote)
+                            remote_port=remote, chap=chap, acl=acl)
+
+    def _acl(self, value: Any, path: KeyPath) -> tuple[AccessEntry, ...]:
+        """``acl = ["iqn...", { initiator = "iqn...", auth = {...} }, ...]``."""
+        r = self.r
+        if not isinstance(value, list):
+            raise r.fail(path, "must be a list of initiator names or { initiator, auth } tables")
+        out: list[AccessEntry] = []
+        seen: set[str] = set()
+        for i, item in enumerate(value):
+            where = (*path, i)
+            if isinstance(item, str):
+                table: Mapping[str, Any] = {"initiator": item}
+            else:
+                table = r.table(item, where, ("initiator", "auth"))
+            initiator = r.get(table, "initiator", where, str, required=True,
+                              check=lambda v: None if _IQN.match(v) and len(v) <= 223 else
+                              "an iSCSI name is iqn.YYYY-MM.reversed.domain[:suffix], eui. "
+                              "or naa.")
+            if initiator.lower() in seen:
+                raise r.fail(where, f"{initiator} is listed twice")
+            seen.add(initiator.lower())
+            chap = self._chap(table["auth"], (*where, "auth")) if "auth" in table else None
+            out.append(AccessEntry(initiator, chap))
+        return tuple(out)
+
+    def _chap(self, value: Any, path: KeyPath) -> ChapPolicy:
+        """``{ user, secret | secret_file, mutual_user, mutual_secret | mutual_secret_file,
+        algorithms }``: the initiator's CHAP credentials, and the target's for mutual CHAP."""
+        r = self.r
+        table = r.table(value, path, ("user", "secret", "secret_file", "mutual_user",
+                                      "mutual_secret", "mutual_secret_file", "algorithms"))
+        initiator = self._chap_secret(table, path, "user", "secret")
+        if initiator is None:
+            raise r.fail(path, "CHAP needs 'user' and 'secret' or 'secret_file'")
+        target = self._chap_secret(table, path, "mutual_user", "mutual_secret")
+        names = r.get(table, "algorithms", path, list, ["SHA3-256", "SHA-256", "SHA-1", "MD5"])
+        try:
+            algorithms = parse_algorithms([str(n) for n in names])
+            return ChapPolicy(initiator, target, algorithms)
+        except ValueError as exc:
+            raise r.fail(path, str(exc)) from None
+
+    def _chap_secret(self, table: Mapping[str, Any], path: KeyPath, user_key: str,
+                     secret_key: str) -> ChapSecret | None:
+        r = self.r
+        file_key = f"{secret_key}_file"
+        user = r.optional(table, user_key, path, str)
+        if user is None:
+            if secret_key in table or file_key in table:
+                raise r.fail((*path, user_key), f"missing: a {secret_key} needs its {user_key}")
+            return None
+        if (secret_key in table) == (file_key in table):
+            raise r.fail(path, f"give exactly one of '{secret_key}' and '{file_key}'")
+        if secret_key in table:
+            secret = r.get(table, secret_key, path, str).encode("utf-8")
+        else:
+            secret = self._secret_file(r.get(table, file_key, path, str), (*path, file_key))
+        try:
+            return ChapSecret(user, secret)
+        except ValueError as exc:
+            # The message says how long a secret must be, never what it is.
+            raise r.fail((*path, secret_key if secret_key in table else file_key),
+                         str(exc)) from None
+
+    def _secret_file(self, name: str, where: KeyPath) -> bytes:
+        """A secret kept in a file only its owner may read (the first line, without its end)."""
+        r = self.r
+        path = self.base / name
+        try:
+            info = os.stat(path)
+            if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise r.fail(where, f"{path} is readable by others: chmod 600 it")
+            if info.st_uid != os.geteuid():
+                raise r.fail(where, f"{path} belongs to another user")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise r.fail(where, f"cannot read {path}: {exc.strerror}") from None
+        return data.split(b"\n", 1)[0].rstrip(b"\r")
 
     # ------------------------------------------------------------------ across sections
 

@@ -140,7 +140,9 @@ class Installation:
         for target, name, path_id, target_id in placements:
             installed.nodes.append(TargetNode(
                 name=name, backend=hba, path_id=path_id, target_id=target_id,
-                alias=target.alias if target is not None else None))
+                alias=target.alias if target is not None else None,
+                chap=target.chap if target is not None else None,
+                acl=target.acl if target is not None else None))
         if isinstance(miniport, FcMiniport):
             fc = miniport
 

@@ -22,6 +22,8 @@ import structlog
 
 from emuhba.srb import DataDirection, QueueAction, ScsiStatus, Srb, SrbStatus
 from target import pdu as P
+from target.auth import Authenticator, NoAuthenticator
+from target.chap import ChapAuthenticator
 from target.keys import (
     LoginFailure,
     LoginNegotiator,
@@ -580,10 +582,14 @@ class Connection:
             self._login_reject(2, 0, f"malformed login text: {exc}")
             return
         self._login_text = bytearray()
-        log.debug("login request", conn=self.id, csg=csg, nsg=nsg, transit=transit, keys=pairs)
+        # CHAP values stay out of the log: a response beside its challenge would let a log
+        # reader try secrets offline.
+        log.debug("login request", conn=self.id, csg=csg, nsg=nsg, transit=transit,
+                  keys=[(k, "(CHAP value)" if k.startswith("CHAP_") else v) for k, v in pairs])
         if self._negotiator is None:
             self._negotiator = LoginNegotiator(
-                self.settings.limits, portal_group_tag=self.settings.portal_group_tag)
+                self.settings.limits, portal_group_tag=self.settings.portal_group_tag,
+                authenticator_factory=self._authenticator_for)
         neg = self._negotiator
         first = self._login_first
         self._login_first = False
@@ -615,13 +621,40 @@ class Connection:
         else:
             self._login_response(flags=csg << 2, text=response, tsih=self._login_tsih)
 
+    def _authenticator_for(self, method: str) -> Authenticator:
+        """The authenticator ``method`` gets for this login, from the credentials of the
+        target (or of its ACL entry for this initiator), or of discovery. LookupError when
+        the method is not what this login must use: CHAP where credentials are configured,
+        None where none are."""
+        neg = self._negotiator
+        assert neg is not None
+        initiator = neg.initiator_name or ""
+        if neg.session_type == "Discovery":
+            policy = self.settings.discovery_chap
+        else:
+            node = self._permitted_node(neg)
+            policy = node.chap_for(initiator) if node is not None else None
+        if method == "CHAP" and policy is not None:
+            return ChapAuthenticator(policy, self.portal.challenges)
+        if method == "None" and policy is None:
+            return NoAuthenticator()
+        raise LookupError(f"AuthMethod={method} is not how this login authenticates")
+
+    def _permitted_node(self, neg: LoginNegotiator) -> TargetNode | None:
+        """The login's target, if the initiator may log in to it: a target whose ACL leaves
+        the initiator out refuses it before any authentication (RFC 7143 status 0202)."""
+        node = self.portal.find_node(neg.target_name or "")
+        if node is not None and node.access(neg.initiator_name or "") is None:
+            raise LoginFailure(2, 2, "initiator not authorized for this target")
+        return node
+
     def _check_login_target(self, neg: LoginNegotiator) -> list[tuple[str, str]]:
         if neg.session_type == "Discovery":
             return []
         name = neg.target_name
         if not name:
             raise LoginFailure(2, 7, "TargetName missing")
-        node = self.portal.find_node(name)
+        node = self._permitted_node(neg)
         if node is None:
             raise LoginFailure(2, 3, f"no target named {name}")
         if self._login_tsih:
@@ -1255,7 +1288,8 @@ class Connection:
                 if not session.discovery and value not in ("All", "") and session.node and \
                         value.lower() != session.node.name.lower():
                     continue
-                answer.extend(self.portal.send_targets(value or "All", self.local_address, only))
+                answer.extend(self.portal.send_targets(value or "All", self.local_address, only,
+                                                       session.initiator_name))
             else:
                 answer.append((key, "NotUnderstood"))
         self._text_pending = encode_text(answer)

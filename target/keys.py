@@ -200,7 +200,9 @@ class TargetLimits:
     error_recovery_level: int = 0
     header_digests: tuple[str, ...] = ("None", "CRC32C")
     data_digests: tuple[str, ...] = ("None", "CRC32C")
-    auth_methods: tuple[str, ...] = ("None",)
+    # Methods the negotiator may agree to; the authenticator factory decides per login which
+    # one applies (CHAP where credentials are configured, None elsewhere).
+    auth_methods: tuple[str, ...] = ("CHAP", "None")
 
     def __post_init__(self) -> None:
         ranges = (

@@ -10,24 +10,53 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from target.backend import ScsiBackend
+from target.chap import ChallengeLog, ChapPolicy
 from target.keys import TargetLimits
 
 if TYPE_CHECKING:
     from target.connection import Session
 
 
+@dataclass(frozen=True)
+class AccessEntry:
+    """One initiator a target lets in, with CHAP credentials of its own if it has them (they
+    replace the target's for that initiator)."""
+
+    initiator: str
+    chap: ChapPolicy | None = None
+
+
 @dataclass
 class TargetNode:
-    """One iSCSI target name, bound to one (path, target id) behind the HBA."""
+    """One iSCSI target name, bound to one (path, target id) behind the HBA.
+
+    ``chap``: logins must authenticate with CHAP. ``acl``: only the initiators listed may see
+    the target in discovery and log in to it (None: everyone)."""
 
     name: str
     backend: ScsiBackend
     path_id: int = 0
     target_id: int = 0
     alias: str | None = None
+    chap: ChapPolicy | None = None
+    acl: tuple[AccessEntry, ...] | None = None
 
     def luns(self) -> list[int]:
         return self.backend.luns(self.path_id, self.target_id)
+
+    def access(self, initiator: str) -> AccessEntry | None:
+        """The initiator's entry (one without credentials of its own when there is no ACL);
+        None when the ACL leaves it out. iSCSI names compare case-insensitively."""
+        if self.acl is None:
+            return AccessEntry(initiator)
+        wanted = initiator.lower()
+        return next((e for e in self.acl if e.initiator.lower() == wanted), None)
+
+    def chap_for(self, initiator: str) -> ChapPolicy | None:
+        entry = self.access(initiator)
+        if entry is not None and entry.chap is not None:
+            return entry.chap
+        return self.chap
 
 
 @dataclass
@@ -47,6 +76,8 @@ class PortalSettings:
     max_window: int = 1024
     # Send an Asynchronous Message (SCSI async event) when a target's LUNs change.
     async_events: bool = True
+    # CHAP for discovery sessions (None: discovery is open).
+    discovery_chap: ChapPolicy | None = None
 
 
 # Fixed-format sense: UNIT ATTENTION, REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh). Built here, not
@@ -74,6 +105,8 @@ class TargetPortal:
         self._tsih = itertools.count(1)
         self._nexus_ids: dict[tuple[str, str, str], int] = {}
         self._next_nexus = itertools.count(1)
+        # Every CHAP challenge handed out lately, for uniqueness and reflection checks.
+        self.challenges = ChallengeLog()
 
     def add_node(self, node: TargetNode) -> None:
         self.nodes[node.name.lower()] = node
@@ -128,8 +161,10 @@ class TargetPortal:
                 return session
         return None
 
-    def send_targets(self, which: str, arrived_on: str, only: TargetNode | None) -> list[tuple[str, str]]:
-        """SendTargets answer: TargetName and its TargetAddress lines."""
+    def send_targets(self, which: str, arrived_on: str, only: TargetNode | None,
+                     initiator: str = "") -> list[tuple[str, str]]:
+        """SendTargets answer: TargetName and its TargetAddress lines, for the targets whose
+        ACL lets ``initiator`` in (the others do not exist as far as it can tell)."""
         addresses = self.settings.advertise or [arrived_on]
         tpgt = self.settings.portal_group_tag
         if only is not None:
@@ -141,6 +176,8 @@ class TargetPortal:
             candidates = [node] if node is not None else []
         pairs: list[tuple[str, str]] = []
         for node in candidates:
+            if node.access(initiator) is None:
+                continue
             pairs.append(("TargetName", node.name))
             for address in addresses:
                 pairs.append(("TargetAddress", f"{address},{tpgt}"))

@@ -219,3 +219,50 @@ def test_fail_member_faults_name_a_real_array_and_slot() -> None:
     config = parse_config(raid.replace("member = 2", "member = 1"), "x.toml", base=Path("/b"))
     (fault,) = [f for f in config.controllers[0].faults if f.kind == "fail-member"]
     assert (fault.array, fault.member) == ("a0", 1)
+
+
+def test_chap_and_acl_settings(tmp_path: Path) -> None:
+    secret = tmp_path / "t0.secret"
+    secret.write_text("file-secret-0001\n")
+    secret.chmod(0o600)
+    text = GOOD.replace(
+        'luns = ["r0", { lun = 3, store = "f0", read_only = true }]',
+        'luns = ["r0"]\n'
+        'auth = { user = "u", secret_file = "t0.secret", mutual_user = "t",'
+        ' mutual_secret = "target-secret-01", algorithms = ["SHA-256", "MD5"] }\n'
+        'acl = ["iqn.2026-11.io.x:a", { initiator = "iqn.2026-11.io.x:b",'
+        ' auth = { user = "b", secret = "b-secret-000001" } }]\n'
+        '[iscsi]\ndiscovery_auth = { user = "d", secret = "disco-secret-01" }')
+    config = parse_config(text, "x.toml", base=tmp_path)
+    target = config.targets[0]
+    assert target.chap is not None and target.chap.initiator.secret == b"file-secret-0001"
+    assert target.chap.target is not None and target.chap.algorithms == (7, 5)
+    assert target.acl is not None and [e.initiator for e in target.acl] == [
+        "iqn.2026-11.io.x:a", "iqn.2026-11.io.x:b"]
+    assert target.acl[1].chap is not None and target.acl[0].chap is None
+    assert config.discovery_chap is not None and config.discovery_chap.initiator.user == "d"
+    assert "file-secret" not in repr(config)
+
+
+@pytest.mark.parametrize(("auth", "expected"), [
+    ('{ user = "u", secret = "short" }', "12 to 255 bytes"),
+    ('{ user = "u" }', "give exactly one of 'secret' and 'secret_file'"),
+    ('{ secret = "a-secret-000001" }', "missing: a secret needs its user"),
+    ('{ user = "u", secret = "same-secret-0001", mutual_user = "t", '
+     'mutual_secret = "same-secret-0001" }', "differs from the initiator secret"),
+    ('{ user = "u", secret = "a-secret-000001", algorithms = ["SHA-512"] }',
+     "unknown CHAP algorithm"),
+    ('{ user = "u", secret_file = "open.secret" }', "readable by others: chmod 600"),
+    ('{ user = "u", secret = "a-secret-000001", secret_file = "x" }', "exactly one of"),
+])
+def test_chap_problems_are_reported_without_the_secret(tmp_path: Path, auth: str,
+                                                       expected: str) -> None:
+    (tmp_path / "open.secret").write_text("world-readable-secret")
+    (tmp_path / "open.secret").chmod(0o644)
+    text = GOOD.replace('luns = ["r0", { lun = 3, store = "f0", read_only = true }]',
+                        f'luns = ["r0"]\nauth = {auth}')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "x.toml", base=tmp_path)
+    found = [str(p) for p in info.value.problems]
+    assert any(expected in p for p in found), found
+    assert not any("same-secret" in p or "world-readable" in p for p in found)
