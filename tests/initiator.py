@@ -48,7 +48,8 @@ def bhs(opcode: int, flags: int, b2: int = 0, b3: int = 0, dlen: int = 0, field8
     return buf
 
 
-def frame(header: bytes, data: bytes = b"", *, hdigest: bool = False, ddigest: bool = False) -> bytes:
+def frame(header: bytes | bytearray, data: bytes = b"", *, hdigest: bool = False,
+          ddigest: bool = False) -> bytes:
     out = bytearray(header)
     if hdigest:
         out += P.digest_bytes(P.crc32c(header))
@@ -77,7 +78,7 @@ class TestInitiator:
     _pending: bytearray = field(default_factory=bytearray)
 
     # ------------------------------------------------------------- plumbing
-    def send(self, header: bytes, data: bytes = b"") -> list[Pdu]:
+    def send(self, header: bytes | bytearray, data: bytes = b"") -> list[Pdu]:
         self.conn.receive_data(frame(header, data, hdigest=self.hdigest, ddigest=self.ddigest))
         return self.collect()
 
@@ -119,12 +120,13 @@ class TestInitiator:
 
     # ------------------------------------------------------------- login
     def login_pdu(self, pairs: list[tuple[str, str]], *, csg: int, nsg: int, transit: bool,
-                  tsih: int = 0, cont: bool = False, itt: int = 0x77, cid: int = 0) -> bytearray:
+                  tsih: int = 0, cont: bool = False, itt: int = 0x77,
+                  cid: int = 0) -> tuple[bytearray, bytes]:
         text = encode_text(pairs)
         flags = (0x80 if transit else 0) | (0x40 if cont else 0) | (csg << 2) | nsg
         field8 = (int.from_bytes(self.isid, "big") << 16) | tsih
         return bhs(P.Opcode.LOGIN_REQUEST, flags, 0, 0, len(text), field8, itt, cid << 16,
-                   self.cmdsn, self.exp_statsn, immediate=True), text  # type: ignore[return-value]
+                   self.cmdsn, self.exp_statsn, immediate=True), text
 
     def login(self, target: str | None, *, extra: list[tuple[str, str]] | None = None,
               digests: bool = False, discovery: bool = False) -> Pdu:
@@ -134,7 +136,7 @@ class TestInitiator:
                  ("AuthMethod", "None")]
         if target:
             pairs.append(("TargetName", target))
-        header, text = self.login_pdu(pairs, csg=0, nsg=1, transit=True)  # type: ignore[misc]
+        header, text = self.login_pdu(pairs, csg=0, nsg=1, transit=True)
         (resp,) = self.send(header, text)
         assert resp.opcode == P.Opcode.LOGIN_RESPONSE, resp
         assert resp.w(36) >> 16 == 0, f"login refused {resp.w(36) >> 24}/{(resp.w(36) >> 16) & 0xFF}"
@@ -148,7 +150,7 @@ class TestInitiator:
         if discovery:
             ops = [p for p in ops if p[0] in ("HeaderDigest", "DataDigest", "MaxRecvDataSegmentLength")]
         ops += extra or []
-        header, text = self.login_pdu(ops, csg=1, nsg=3, transit=True)  # type: ignore[misc]
+        header, text = self.login_pdu(ops, csg=1, nsg=3, transit=True)
         (resp,) = self.send(header, text)
         assert resp.opcode == P.Opcode.LOGIN_RESPONSE
         assert resp.w(36) >> 16 == 0, f"login refused {resp.w(36) >> 24}/{(resp.w(36) >> 16) & 0xFF}"

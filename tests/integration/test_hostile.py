@@ -1,0 +1,292 @@
+"""Hostile and broken input over TCP against a running emuhba, while a well-behaved session
+writes and verifies data on the same target the whole time.
+
+Each scenario opens its own connection and sends what a scanner, a fuzzer or a broken
+initiator sends; it checks the answer RFC 7143 calls for (a Reject, a login failure, or the
+connection dropped), and at the end the bystander session must have seen no error at all and
+the server must still serve new logins.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+
+from target import pdu as P
+from tests.conftest import RunningTarget
+from tests.initiator import Pdu, TestInitiator, bhs, inquiry, scsi_status, write10
+from tests.integration import libiscsi_client
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("libiscsi_tools")]
+
+QUIET_S = 0.05
+
+
+class SocketLink:
+    """What TestInitiator expects of a connection (receive_data / data_to_send), over TCP."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.closed = False
+
+    def receive_data(self, raw: bytes) -> None:
+        try:
+            self.sock.sendall(raw)
+        except OSError:
+            self.closed = True
+
+    def data_to_send(self, wait_s: float = 1.0) -> list[bytes]:
+        """What arrives within ``wait_s``, read until the line goes quiet."""
+        out: list[bytes] = []
+        self.sock.settimeout(wait_s)
+        while not self.closed:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                break
+            except OSError:
+                self.closed = True
+                break
+            if not chunk:
+                self.closed = True
+                break
+            out.append(chunk)
+            self.sock.settimeout(QUIET_S)
+        return out
+
+    def wait_closed(self, timeout_s: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.closed and time.monotonic() < deadline:
+            self.data_to_send(0.2)
+        return self.closed
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def initiator(target: RunningTarget, name: str = "iqn.2026-11.io.emuhba:hostile") -> TestInitiator:
+    link = SocketLink(target.host, target.port)
+    return TestInitiator(conn=cast(Any, link), name=name,
+                         isid=b"\x80" + os.urandom(5))
+
+
+def link_of(ini: TestInitiator) -> SocketLink:
+    return cast(SocketLink, ini.conn)
+
+
+def logged_in(target: RunningTarget) -> TestInitiator:
+    ini = initiator(target)
+    ini.login(target.iqn)
+    return ini
+
+
+def still_answers(ini: TestInitiator) -> bool:
+    replies = ini.nop(b"ping")
+    return any(p.opcode == P.Opcode.NOP_IN and p.data == b"ping" for p in replies)
+
+
+class Bystander:
+    """A libiscsi session writing and reading back its own blocks until stopped."""
+
+    def __init__(self, target: RunningTarget) -> None:
+        self.target = target
+        self.ops = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        disk = self.target.disk("ram")
+        try:
+            session = libiscsi_client.Session(self.target.portal, self.target.iqn, disk.lun,
+                                              initiator="iqn.2026-11.io.emuhba:bystander")
+        except Exception as exc:
+            self.errors.append(f"login: {exc}")
+            return
+        try:
+            bs = self.target.block_length
+            lba = 0
+            while not self._stop.is_set():
+                data = os.urandom(8 * bs)
+                session.write16(disk.lun, 4096 + lba, data, bs)
+                if session.read16(disk.lun, 4096 + lba, 8, bs) != data:
+                    self.errors.append(f"read back differs at {4096 + lba}")
+                self.ops += 1
+                lba = (lba + 8) % 2048
+        except Exception as exc:
+            self.errors.append(repr(exc))
+        finally:
+            session.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def bystander(_session_target: RunningTarget) -> Iterator[Bystander]:
+    if _session_target.flavour != "emuhba":
+        pytest.skip("hostile input is thrown at emuhba only")
+    watcher = Bystander(_session_target)
+    time.sleep(0.5)
+    yield watcher
+    watcher.stop()
+    assert watcher.ops > 0
+    assert not watcher.errors, watcher.errors
+
+
+def login_status(pdus: list[Pdu]) -> tuple[int, int] | None:
+    for pdu in pdus:
+        if pdu.opcode == P.Opcode.LOGIN_RESPONSE:
+            return pdu.w(36) >> 24, (pdu.w(36) >> 16) & 0xFF
+    return None
+
+
+def rejected(pdus: list[Pdu]) -> int | None:
+    return next((p.b2 for p in pdus if p.opcode == P.Opcode.REJECT), None)
+
+
+def test_garbage_before_login_drops_the_connection(iscsi_target: RunningTarget,
+                                                   bystander: Bystander) -> None:
+    ini = initiator(iscsi_target)
+    ini.send_raw(os.urandom(4096))
+    assert link_of(ini).wait_closed()
+
+
+def test_truncated_header_then_silence(iscsi_target: RunningTarget, bystander: Bystander) -> None:
+    ini = initiator(iscsi_target)
+    header, _ = ini.login_pdu([("InitiatorName", ini.name)], csg=0, nsg=1, transit=True)
+    ini.send_raw(bytes(header[:20]))
+    link_of(ini).close()  # half a header, then gone: nothing to answer, nothing to leak
+
+
+@pytest.mark.parametrize("opcode", [P.Opcode.SCSI_COMMAND, P.Opcode.TEXT_REQUEST,
+                                    P.Opcode.NOP_OUT, P.Opcode.DATA_OUT,
+                                    P.Opcode.TASK_MGMT_REQUEST, P.Opcode.LOGOUT_REQUEST,
+                                    P.Opcode.SNACK_REQUEST, 0x3F])
+@pytest.mark.parametrize("stage", ["first", "security", "operational"])
+def test_a_non_login_pdu_during_login_ends_the_login(iscsi_target: RunningTarget,
+                                                     bystander: Bystander, opcode: int,
+                                                     stage: str) -> None:
+    ini = initiator(iscsi_target)
+    if stage != "first":
+        pairs = [("InitiatorName", ini.name), ("TargetName", iscsi_target.iqn),
+                 ("AuthMethod", "None")]
+        header, text = ini.login_pdu(pairs, csg=0, nsg=1, transit=stage == "operational")
+        assert login_status(ini.send(header, text)) == (0, 0)
+    junk = bhs(opcode, 0x80, 0, 0, 0, 0, 0x1234, 0xFFFFFFFF, ini.cmdsn, ini.exp_statsn)
+    replies = ini.send(bytes(junk))
+    status = login_status(replies)
+    # A login failure (initiator error) or a dropped connection; never full feature phase.
+    assert status is None or status[0] == 2, status
+    assert link_of(ini).wait_closed()
+
+
+def test_oversized_data_segment_is_rejected_not_buffered(iscsi_target: RunningTarget,
+                                                         bystander: Bystander) -> None:
+    ini = logged_in(iscsi_target)
+    header = bhs(P.Opcode.NOP_OUT, 0x80, 0, 0, 16 << 20, 0, ini.next_itt(), 0xFFFFFFFF,
+                 ini.cmdsn, ini.exp_statsn, immediate=True)
+    replies = ini.send_raw(bytes(header) + b"x" * 1024)
+    assert rejected(replies) == P.RejectReason.PROTOCOL_ERROR
+    assert link_of(ini).wait_closed()
+
+
+def test_bad_header_digest_drops_the_connection(digest_target: RunningTarget,
+                                                bystander: Bystander) -> None:
+    ini = initiator(digest_target)
+    ini.login(digest_target.iqn, digests=True)
+    header = bytes(bhs(P.Opcode.NOP_OUT, 0x80, 0, 0, 0, 0, ini.next_itt(), 0xFFFFFFFF,
+                       ini.cmdsn, ini.exp_statsn, immediate=True))
+    ini.send_raw(header + b"\xde\xad\xbe\xef")
+    assert link_of(ini).wait_closed()
+
+
+def test_bad_data_digest_gets_a_reject_and_the_connection_lives(
+        digest_target: RunningTarget, bystander: Bystander) -> None:
+    ini = initiator(digest_target)
+    ini.login(digest_target.iqn, digests=True)
+    header = bhs(P.Opcode.NOP_OUT, 0x80, 0, 0, 4, 0, ini.next_itt(), 0xFFFFFFFF,
+                 ini.cmdsn, ini.exp_statsn, immediate=True)
+    hd = P.digest_bytes(P.crc32c(bytes(header)))
+    replies = ini.send_raw(bytes(header) + hd + b"ping" + b"\0\0\0\0")
+    assert rejected(replies) == P.RejectReason.DATA_DIGEST_ERROR
+    assert still_answers(ini)
+
+
+def test_out_of_window_cmdsn_is_ignored(iscsi_target: RunningTarget,
+                                        bystander: Bystander) -> None:
+    ini = logged_in(iscsi_target)
+    _, replies = ini.command(inquiry(), read=96, cmdsn=(ini.cmdsn + 100_000) & 0xFFFFFFFF)
+    assert not any(p.opcode == P.Opcode.SCSI_RESPONSE for p in replies)
+    assert still_answers(ini)
+    _, replies = ini.command(inquiry(), read=96)
+    assert scsi_status(replies)[0] == 0
+
+
+def test_data_out_for_an_unknown_task(iscsi_target: RunningTarget,
+                                      bystander: Bystander) -> None:
+    ini = logged_in(iscsi_target)
+    # Data for a task the target does not know may be the late data of an aborted task:
+    # dropped without an answer (RFC 7143 11.7), and the connection carries on.
+    replies = ini.data_out(0xABCDEF, 0x1234, 0, b"\0" * 512)
+    assert replies == []
+    assert still_answers(ini)
+
+
+def test_nop_out_flood(iscsi_target: RunningTarget, bystander: Bystander) -> None:
+    ini = logged_in(iscsi_target)
+    burst = bytearray()
+    for i in range(20_000):
+        burst += bhs(P.Opcode.NOP_OUT, 0x80, 0, 0, 0, 0, 0x10000 + i, 0xFFFFFFFF, ini.cmdsn,
+                     ini.exp_statsn, immediate=True)
+    first = ini.send_raw(bytes(burst))
+    deadline = time.monotonic() + 30
+    answered = sum(p.opcode == P.Opcode.NOP_IN for p in first)
+    while answered < 20_000 and time.monotonic() < deadline:
+        answered += sum(p.opcode == P.Opcode.NOP_IN for p in ini.collect())
+    assert answered == 20_000
+    assert still_answers(ini)
+
+
+def test_write_burst_cut_by_a_lost_connection_is_not_reported_done(
+        iscsi_target: RunningTarget, bystander: Bystander) -> None:
+    bs = iscsi_target.block_length
+    lun = iscsi_target.disk("ram").lun
+    lba = 20_000
+    before = b"\x11" * (64 * bs)
+    session = libiscsi_client.Session(iscsi_target.portal, iscsi_target.iqn, lun,
+                                      initiator="iqn.2026-11.io.emuhba:hostile-check")
+    try:
+        session.write16(lun, lba, before, bs)
+        ini = logged_in(iscsi_target)
+        data = b"\x5a" * (64 * bs)
+        # Immediate data and part of the unsolicited burst, then the connection is gone.
+        itt, replies = ini.command(write10(lba, 64), write=data, immediate_data=bs)
+        replies += ini.data_out(itt, 0xFFFFFFFF, bs, data[bs:4 * bs], final=False)
+        assert not any(p.opcode == P.Opcode.SCSI_RESPONSE for p in replies)
+        link_of(ini).close()
+        time.sleep(0.2)
+        # The command never had all its data: it was never executed, so none of it landed.
+        assert session.read16(lun, lba, 64, bs) == before
+        # And the initiator's reconnect works.
+        again = logged_in(iscsi_target)
+        assert still_answers(again)
+    finally:
+        session.close()
+
+
+def test_the_server_still_serves_new_logins(iscsi_target: RunningTarget,
+                                            bystander: Bystander) -> None:
+    ini = logged_in(iscsi_target)
+    _, replies = ini.command(inquiry(), read=96)
+    assert scsi_status(replies)[0] == 0
+    assert struct.unpack_from(">B", replies[0].data)[0] == 0  # direct-access device
