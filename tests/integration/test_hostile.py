@@ -32,9 +32,15 @@ QUIET_S = 0.05
 class SocketLink:
     """What TestInitiator expects of a connection (receive_data / data_to_send), over TCP."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, wait_s: float = 1.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=5)
         self.closed = False
+        self.wait_s = wait_s  # how long a read waits for the first byte
+        self.quiet_s = QUIET_S  # and for more once bytes flow
+
+    def poll_only(self) -> None:
+        """From now on reads take what has arrived and do not wait (pipelined senders)."""
+        self.wait_s = self.quiet_s = 0.001
 
     def receive_data(self, raw: bytes) -> None:
         try:
@@ -42,10 +48,10 @@ class SocketLink:
         except OSError:
             self.closed = True
 
-    def data_to_send(self, wait_s: float = 1.0) -> list[bytes]:
+    def data_to_send(self, wait_s: float | None = None) -> list[bytes]:
         """What arrives within ``wait_s``, read until the line goes quiet."""
         out: list[bytes] = []
-        self.sock.settimeout(wait_s)
+        self.sock.settimeout(self.wait_s if wait_s is None else wait_s)
         while not self.closed:
             try:
                 chunk = self.sock.recv(1 << 16)
@@ -58,7 +64,7 @@ class SocketLink:
                 self.closed = True
                 break
             out.append(chunk)
-            self.sock.settimeout(QUIET_S)
+            self.sock.settimeout(self.quiet_s)
         return out
 
     def wait_closed(self, timeout_s: float = 5.0) -> bool:
