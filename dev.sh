@@ -113,7 +113,7 @@ run_tests() {
     "$VENV/bin/ruff" check . || status=1
     say "mypy"
     "$VENV/bin/mypy" || status=1
-    "$VENV/bin/mypy" --strict bench/bench_vs_tgtd.py tests/conftest.py tests/integration \
+    "$VENV/bin/mypy" --strict bench/bench_vs_tgtd.py bench/soak.py tests/conftest.py tests/integration \
         tests/unit/test_bench_smoke.py tests/guest tests/containers || status=1
     say "pytest"
     # Unit and libiscsi tests first (minutes), then open-iscsi + fio in a QEMU guest and the

@@ -266,7 +266,8 @@ async def serve(args: argparse.Namespace, config: ServerConfig | None = None) ->
     settings = PortalSettings(limits=limits, advertise=list(config.advertise),
                               nop_interval=config.nop_interval_s,
                               nop_timeout=config.nop_timeout_s,
-                              discovery_chap=config.discovery_chap)
+                              discovery_chap=config.discovery_chap,
+                              max_sessions_per_target=config.max_sessions_per_target)
     portal = TargetPortal(installation.nodes, settings)
     installation.attach_portal(portal)
     server = TargetServer(portal)

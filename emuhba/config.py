@@ -190,6 +190,7 @@ class ServerConfig:
     nop_interval_s: float = 10.0
     nop_timeout_s: float = 15.0
     discovery_chap: ChapPolicy | None = None
+    max_sessions_per_target: int = 256
     stores: tuple[StoreConfig, ...] = ()
     controllers: tuple[ControllerConfig, ...] = ()
     adapters: tuple[AdapterConfig, ...] = ()
@@ -579,7 +580,7 @@ class _Parser:
         iscsi = r.attempt(lambda: r.table(doc.get("iscsi", {}), ("iscsi",),
                                           ("header_digest", "data_digest", "advertise",
                                            "nop_interval_s", "nop_timeout_s",
-                                           "discovery_auth"))) or {}
+                                           "discovery_auth", "max_sessions_per_target"))) or {}
         portals = self._portals(doc)
         stores = self._each(doc, "stores", self._store)
         controllers = self._each(doc, "controllers", self._controller)
@@ -639,6 +640,9 @@ class _Parser:
                                     check=_non_negative),
             "nop_timeout_s": r.get(iscsi, "nop_timeout_s", ("iscsi",), float, 15.0,
                                    check=lambda v: None if v > 0 else f"must be above 0, not {v}"),
+            "max_sessions_per_target": r.get(
+                iscsi, "max_sessions_per_target", ("iscsi",), int, 256,
+                check=lambda v: None if 0 <= v <= 65535 else f"must be 0 to 65535, not {v}"),
             "discovery_chap": self._chap(iscsi["discovery_auth"], ("iscsi", "discovery_auth"))
             if "discovery_auth" in iscsi else None,
             "control_socket": str(self.base / control_socket) if control_socket else None,
@@ -919,7 +923,7 @@ class _Parser:
             if isinstance(item, str):
                 table: Mapping[str, Any] = {"initiator": item}
             else:
-                table = r.table(item, where, ("initiator", "auth"))
+                table = r.table(item, where, ("initiator", "auth", "luns", "read_only"))
             initiator = r.get(table, "initiator", where, str, required=True,
                               check=lambda v: None if _IQN.match(v) and len(v) <= 223 else
                               "an iSCSI name is iqn.YYYY-MM.reversed.domain[:suffix], eui. "
@@ -928,7 +932,15 @@ class _Parser:
                 raise r.fail(where, f"{initiator} is listed twice")
             seen.add(initiator.lower())
             chap = self._chap(table["auth"], (*where, "auth")) if "auth" in table else None
-            out.append(AccessEntry(initiator, chap))
+            luns: frozenset[int] | None = None
+            if "luns" in table:
+                numbers = r.get(table, "luns", where, list)
+                if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 16383
+                           for n in numbers):
+                    raise r.fail((*where, "luns"), "must be a list of LUN numbers (0-16383)")
+                luns = frozenset(numbers)
+            out.append(AccessEntry(initiator, chap, luns,
+                                   r.get(table, "read_only", where, bool, False)))
         return tuple(out)
 
     def _chap(self, value: Any, path: KeyPath) -> ChapPolicy:

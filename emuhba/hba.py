@@ -68,6 +68,25 @@ _FAILURE_SENSE: Final[dict[SrbStatus, SenseCode]] = {
     SrbStatus.COMMAND_TIMEOUT: TIMEOUT_ON_LOGICAL_UNIT,
 }
 
+# Commands that change the medium: refused for a nexus mapped read-only.
+_MEDIUM_WRITES: Final = frozenset({
+    Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16, Op.WRITE_VERIFY_10, Op.WRITE_VERIFY_12,
+    Op.WRITE_VERIFY_16, Op.WRITE_SAME_10, Op.WRITE_SAME_16, Op.UNMAP, Op.COMPARE_AND_WRITE,
+    Op.ORWRITE_16, Op.WRITE_ATOMIC_16, Op.SANITIZE, Op.EXTENDED_COPY, Op.FORMAT_UNIT,
+    Op.WRITE_BUFFER,
+})
+
+
+class NexusView:
+    """What one I_T nexus may see and do (an ACL entry's LUN masking and read-only mapping)."""
+
+    __slots__ = ("luns", "read_only")
+
+    def __init__(self, luns: frozenset[int] | None, read_only: bool) -> None:
+        self.luns = luns
+        self.read_only = read_only
+
+
 # Standard INQUIRY data of an absent unit: peripheral qualifier 011b, device type 1Fh.
 _NO_UNIT_PERIPHERAL: Final = (0b011 << 5) | 0x1F
 _VERSION_SPC4: Final = 0x06
@@ -95,6 +114,8 @@ class Hba:
                                 request_timeout=request_timeout,
                                 recovery_timeout=recovery_timeout)
         self._running = False
+        # Restricted nexuses only; an empty dict costs the I/O path one truth test.
+        self._views: dict[int, NexusView] = {}
         self._stopped = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lun_watchers: list[Callable[[int, int], None]] = []
@@ -214,7 +235,37 @@ class Hba:
             self._check_condition(srb, problem)
             _complete(srb)
             return
+        if self._views:
+            view = self._views.get(srb.nexus)
+            if view is not None and self._outside_view(srb, view):
+                _complete(srb)
+                return
         self._port.submit(srb)
+
+    def restrict_nexus(self, nexus: int, luns: frozenset[int] | None, read_only: bool) -> None:
+        """Show ``nexus`` only ``luns`` (None: all) and, with ``read_only``, refuse its writes
+        to the medium; until the nexus is lost."""
+        self._views[nexus] = NexusView(luns, read_only)
+
+    def _outside_view(self, srb: Srb, view: NexusView) -> bool:
+        """Answer here what the nexus's view changes; True when ``srb`` was answered. A masked
+        LUN is an absent one to this nexus; REPORT LUNS lists the LUNs it may see."""
+        cdb = srb.cdb
+        op = cdb[0]
+        if view.luns is not None:
+            if op == Op.REPORT_LUNS:
+                select = cdb[2]
+                luns = [] if select == 0x01 else [
+                    lun for lun in self.luns(srb.path_id, srb.target_id) if lun in view.luns]
+                _answer(srb, report_luns_data(luns), int.from_bytes(cdb[6:10], "big"))
+                return True
+            if srb.lun not in view.luns:
+                self._absent_unit(srb, view)
+                return True
+        if view.read_only and op in _MEDIUM_WRITES:
+            self._check_condition(srb, _sense.WRITE_PROTECTED)
+            return True
+        return False
 
     @staticmethod
     def _check_condition(srb: Srb, code: SenseCode) -> None:
@@ -241,10 +292,15 @@ class Hba:
             code = _FAILURE_SENSE.get(status, _sense.INTERNAL_TARGET_FAILURE)
             log.warning("srb_failed_without_status", hba=self.name, srb=repr(srb))
             self._check_condition(srb, code)
+        if self._views and srb.scsi_status == ScsiStatus.GOOD:
+            view = self._views.get(srb.nexus)
+            if view is not None and view.read_only:
+                _mark_write_protected(srb)
         _complete(srb)
 
-    def _absent_unit(self, srb: Srb) -> None:
-        """Answer for a (path, target, LUN) with no logical unit behind it."""
+    def _absent_unit(self, srb: Srb, view: NexusView | None = None) -> None:
+        """Answer for a (path, target, LUN) with no logical unit behind it (or none that
+        ``view`` shows)."""
         cdb = srb.cdb
         op = cdb[0] if cdb else -1
         if op == Op.INQUIRY:
@@ -274,6 +330,8 @@ class Hba:
             select = cdb[2]
             # Select report 01h asks for well-known LUs only; this target has none.
             luns = [] if select == 0x01 else self.luns(srb.path_id, srb.target_id)
+            if view is not None and view.luns is not None:
+                luns = [lun for lun in luns if lun in view.luns]
             _answer(srb, report_luns_data(luns), allocation)
         elif op == Op.REQUEST_SENSE:
             # SPC-4: REQUEST SENSE to an incorrect LU succeeds and reports why in its data.
@@ -338,6 +396,7 @@ class Hba:
         """The session is gone: abort its tasks, then let the units forget the nexus. With
         nothing to abort the units hear of it at once: a command another session sent right
         after this one closed must not still find this nexus's reservation in its way."""
+        self._views.pop(nexus, None)
         if not self._port.all_pending(nexus):
             self._miniport.hw_nexus_lost(nexus)
             return
@@ -354,6 +413,19 @@ def _complete(srb: Srb) -> None:
     completion = srb.completion
     if completion is not None:
         completion(srb)
+
+
+def _mark_write_protected(srb: Srb) -> None:
+    """Set WP in a MODE SENSE header for a nexus mapped read-only, so its initiator mounts
+    the disk read-only instead of learning it write by write."""
+    cdb = srb.cdb
+    op = cdb[0] if cdb else -1
+    if op not in (Op.MODE_SENSE_6, Op.MODE_SENSE_10) or not srb.sg_list:
+        return
+    at = 2 if op == Op.MODE_SENSE_6 else 3  # the device-specific parameter byte
+    first = srb.sg_list[0]
+    if srb.data_transfer_length > at and len(first) > at:
+        first[at] = first[at] | 0x80
 
 
 def _answer(srb: Srb, data: bytes, allocation: int) -> None:

@@ -39,5 +39,9 @@ class ScsiBackend(Protocol):
         (iSCSI: ``<initiator name>,i,0x<ISID>`` and ``<target name>,t,0x<TPGT>``), which
         persistent reservations key their registrations by."""
 
+    def restrict_nexus(self, nexus: int, luns: frozenset[int] | None, read_only: bool) -> None:
+        """Show ``nexus`` only ``luns`` (None: all of them) and, with ``read_only``, refuse
+        its writes to the medium, until the nexus is lost (an ACL entry's masking)."""
+
     def watch_luns(self, callback: Callable[[int, int], None]) -> None:
         """Have ``callback(path_id, target_id)`` called when that target's LUNs change."""

@@ -275,6 +275,11 @@ class Connection:
             self._parse()
         except ProtocolViolation as exc:
             self.close(str(exc))
+        except Exception:
+            # A fault in handling this connection's input costs this connection only: logged
+            # with its traceback, the connection dropped, every other session untouched.
+            log.exception("connection input failed", conn=self.id, peer=self.peer)
+            self.close("internal error")
         finally:
             self._in_receive = False
 
@@ -595,7 +600,10 @@ class Connection:
         self._login_first = False
         self._login_stage = Stage(csg)
         try:
-            step = neg.step(Stage(csg), pairs, first=first, transit=transit, next_stage=Stage(nsg))
+            # NSG means something only with T=1 (where it was checked above); without, it may
+            # hold anything, even the reserved stage 2.
+            next_stage = Stage(nsg) if transit else Stage(csg)
+            step = neg.step(Stage(csg), pairs, first=first, transit=transit, next_stage=next_stage)
             if first:
                 extra = self._check_login_target(neg)
                 if extra:
@@ -700,6 +708,11 @@ class Connection:
                         old.session = None
                         old.close("session reinstated")
                     old_session.close()
+                limit = self.settings.max_sessions_per_target
+                if limit and sum(1 for other in portal.sessions.values()
+                                 if other.node is node) >= limit:
+                    # RFC 7143 status 0302, out of resources: the initiator may try later.
+                    raise LoginFailure(3, 2, f"target has its {limit} sessions already")
             tsih = portal.allocate_tsih()
             nexus = portal.nexus_id(initiator, self._login_isid, node.name) if node else 0
             session = Session(portal, tsih, self._login_isid, initiator, node, params,
@@ -709,6 +722,9 @@ class Connection:
                 tpgt = portal.settings.portal_group_tag
                 node.backend.nexus_opened(nexus, f"{initiator},i,0x{self._login_isid.hex()}",
                                           f"{node.name},t,0x{tpgt:04x}")
+                entry = node.access(initiator)
+                if entry is not None and entry.restricted:
+                    node.backend.restrict_nexus(nexus, entry.luns, entry.read_only)
         session.connections.append(self)
         self.session = session
         log.info("login complete", conn=self.id, peer=self.peer, initiator=initiator,

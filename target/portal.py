@@ -20,10 +20,17 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class AccessEntry:
     """One initiator a target lets in, with CHAP credentials of its own if it has them (they
-    replace the target's for that initiator)."""
+    replace the target's for that initiator), the LUNs it may see (None: all) and whether it
+    may only read."""
 
     initiator: str
     chap: ChapPolicy | None = None
+    luns: frozenset[int] | None = None
+    read_only: bool = False
+
+    @property
+    def restricted(self) -> bool:
+        return self.luns is not None or self.read_only
 
 
 @dataclass
@@ -76,6 +83,8 @@ class PortalSettings:
     max_window: int = 1024
     # Send an Asynchronous Message (SCSI async event) when a target's LUNs change.
     async_events: bool = True
+    # Sessions a target node accepts at once (0: no limit).
+    max_sessions_per_target: int = 256
     # CHAP for discovery sessions (None: discovery is open).
     discovery_chap: ChapPolicy | None = None
 

@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import load_bench
+from tests.integration import libiscsi_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("libiscsi_tools")]
 
 ALICE = "iqn.2026-11.io.emuhba:alice"
 BOB = "iqn.2026-11.io.emuhba:bob"
 EVE = "iqn.2026-11.io.emuhba:eve"
+CAROL = "iqn.2026-11.io.emuhba:carol"
 OPEN = "iqn.2026-11.io.emuhba:open"
 CHAP = "iqn.2026-11.io.emuhba:chap"
 MUTUAL = "iqn.2026-11.io.emuhba:mutual"
@@ -49,6 +51,10 @@ size = "4M"
 name = "s3"
 kind = "ram"
 size = "4M"
+[[stores]]
+name = "s4"
+kind = "ram"
+size = "4M"
 [[controllers]]
 name = "disk0"
 kind = "disk"
@@ -72,8 +78,9 @@ auth = {{ user = "alice", secret = "alice-secret-0001", mutual_user = "array", m
 [[targets]]
 name = "{acl}"
 adapter = "hba0"
-luns = ["s3"]
-acl = ["{alice}", {{ initiator = "{bob}", auth = {{ user = "bob", secret = "bob-secret-00001" }} }}]
+luns = ["s3", "s4"]
+acl = ["{alice}", {{ initiator = "{bob}", auth = {{ user = "bob", secret = "bob-secret-00001" }} }},
+       {{ initiator = "{carol}", luns = [1], read_only = true }}]
 """
 
 
@@ -94,7 +101,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = bench.free_tcp_port("127.0.0.1")
     config = directory / "emuhba.toml"
     config.write_text(CONFIG.format(port=port, open=OPEN, chap=CHAP, mutual=MUTUAL, acl=ACL,
-                                    alice=ALICE, bob=BOB))
+                                    alice=ALICE, bob=BOB, carol=CAROL))
     log = directory / "emuhba.log"
     proc = bench.EmuhbaServer([sys.executable, "-m", "emuhba", "serve", "--config", str(config)],
                               "127.0.0.1", port, log, ready_timeout=60.0)
@@ -169,3 +176,20 @@ def test_no_secret_reaches_the_log(server: Server) -> None:
                    "bob-secret-00001", "discovery-secret-1"):
         assert secret not in text
     assert "initiator not authorized" in text or "authorization" in text.lower()
+
+
+def test_acl_masks_luns_and_maps_read_only(server: Server) -> None:
+    portal = f"127.0.0.1:{server.port}"
+    with libiscsi_client.Session(portal, ACL, 1, initiator=CAROL) as carol:
+        assert carol.report_luns() == [1]
+        assert carol.read16(1, 0, 1, 512) == bytes(512)
+        with pytest.raises(libiscsi_client.ScsiCheckCondition) as refused:
+            carol.write16(1, 0, b"c" * 512, 512)
+        assert (refused.value.sense_key, refused.value.ascq) == (0x7, 0x2700)
+        inquiry = carol.command(0, bytes((0x12, 0, 0, 0, 96, 0)), data_in=96)
+        assert inquiry[0] >> 5 == 0b011  # LUN 0 is not there for carol
+        mode = carol.command(1, bytes((0x1A, 0, 0x3F, 0, 255, 0)), data_in=255)
+        assert mode[2] & 0x80  # WP: mount it read-only
+    with libiscsi_client.Session(portal, ACL, 1, initiator=ALICE) as alice:
+        assert alice.report_luns() == [0, 1]
+        alice.write16(1, 0, b"a" * 512, 512)

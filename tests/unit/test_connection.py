@@ -459,3 +459,26 @@ def test_lun_inventory_change_sends_a_scsi_async_event() -> None:
     # The session goes on: the next status carries the StatSN after the event's.
     _, pdus = ini.command(inquiry(96), read=96)
     assert scsi_status(pdus)[0] == 0 and pdus[-1].w(24) == before + 1
+
+
+def test_sessions_per_target_are_limited() -> None:
+    _backend, portal = make()
+    portal.settings.max_sessions_per_target = 2
+    for n in range(2):
+        TestInitiator(Connection(portal), isid=bytes((0x80, 0, 0, 0, 0, n + 1))).login(IQN)
+    third = TestInitiator(Connection(portal), isid=b"\x80\x00\x00\x00\x00\x09")
+    header, text = third.login_pdu([("InitiatorName", third.name), ("TargetName", IQN),
+                                    ("AuthMethod", "None")], csg=0, nsg=3, transit=True)
+    (reply,) = third.send(header, text)
+    assert (reply.w(36) >> 24, (reply.w(36) >> 16) & 0xFF) == (3, 2)
+    assert len(portal.sessions) == 2
+
+
+def test_login_request_without_transit_may_carry_any_nsg() -> None:
+    _backend, portal = make()
+    ini = TestInitiator(Connection(portal))
+    header, text = ini.login_pdu([("InitiatorName", ini.name), ("TargetName", IQN),
+                                  ("AuthMethod", "None")], csg=0, nsg=2, transit=False)
+    (reply,) = ini.send(header, text)
+    assert reply.opcode == P.Opcode.LOGIN_RESPONSE and reply.w(36) >> 16 == 0
+    assert not ini.conn.closing

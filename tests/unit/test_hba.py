@@ -463,3 +463,33 @@ async def test_a_waiting_sanitize_ends_on_abort_or_reset_and_the_sanitize_goes_o
     read = await run(hba, command(rw10(False, 7, 1), data_in=BS, nexus=3))
     assert data_of(read) == b"\xa5" * BS
     await hba.stop()
+
+
+async def test_a_restricted_nexus_sees_its_luns_only_and_may_only_read() -> None:
+    hba = await ram_hba(luns=2)
+    hba.restrict_nexus(7, frozenset({1}), read_only=True)
+    for nexus in (7, 8):
+        await run(hba, command(TUR, lun=1, nexus=nexus))  # the power-on unit attention
+    listed = await run(hba, command(report_luns(), data_in=64, nexus=7))
+    assert data_of(listed)[:16] == report_luns_data([1])[:16]
+    everyone = await run(hba, command(report_luns(), data_in=64, nexus=8))
+    assert data_of(everyone)[:24] == report_luns_data([0, 1])[:24]
+    hidden = await run(hba, command(rw10(False, 0, 1), lun=0, data_in=BS, nexus=7))
+    assert parse_sense(hidden.sense).code == (0x5, 0x25, 0x00)
+    inquiry_hidden = await run(hba, command(inquiry(), lun=0, data_in=96, nexus=7))
+    assert data_of(inquiry_hidden)[0] == 0x7F  # peripheral qualifier 011b: no unit here
+    refused = await run(hba, command(rw10(True, 0, 1), lun=1, data_out=bytes(BS), nexus=7))
+    assert parse_sense(refused.sense).code == (0x7, 0x27, 0x00)
+    read = await run(hba, command(rw10(False, 0, 1), lun=1, data_in=BS, nexus=7))
+    assert read.scsi_status == ScsiStatus.GOOD
+    sense6 = bytes((0x1A, 0, 0x3F, 0, 255, 0))
+    assert data_of(await run(hba, command(sense6, lun=1, data_in=255, nexus=7)))[2] & 0x80
+    assert not data_of(await run(hba, command(sense6, lun=1, data_in=255, nexus=8)))[2] & 0x80
+    written = await run(hba, command(rw10(True, 0, 1), lun=1, data_out=bytes(BS), nexus=8))
+    assert written.scsi_status == ScsiStatus.GOOD
+    hba.nexus_lost(7)  # the view goes with the nexus
+    await asyncio.sleep(0.01)
+    again = await run(hba, command(report_luns(), data_in=64, nexus=7))
+    assert again.scsi_status == ScsiStatus.GOOD
+    assert data_of(again)[:24] == report_luns_data([0, 1])[:24]
+    await hba.stop()
