@@ -263,26 +263,41 @@ def test_nop_out_flood(iscsi_target: RunningTarget, bystander: Bystander) -> Non
     assert still_answers(ini)
 
 
+@pytest.mark.parametrize("phase", ["unsolicited", "solicited"])
 def test_write_burst_cut_by_a_lost_connection_is_not_reported_done(
-        iscsi_target: RunningTarget, bystander: Bystander) -> None:
+        iscsi_target: RunningTarget, bystander: Bystander, phase: str) -> None:
     bs = iscsi_target.block_length
     lun = iscsi_target.disk("ram").lun
-    lba = 20_000
-    before = b"\x11" * (64 * bs)
+    lba = 20_000 if phase == "unsolicited" else 24_000
+    # Unsolicited: within the first burst (immediate data plus Data-Out without R2T).
+    # Solicited: past FirstBurstLength (64 KiB), so the rest waits for R2Ts.
+    blocks = 64 if phase == "unsolicited" else 512
+    before = b"\x11" * (blocks * bs)
     session = libiscsi_client.Session(iscsi_target.portal, iscsi_target.iqn, lun,
                                       initiator="iqn.2026-11.io.emuhba:hostile-check")
     try:
         session.write16(lun, lba, before, bs)
         ini = logged_in(iscsi_target)
-        data = b"\x5a" * (64 * bs)
-        # Immediate data and part of the unsolicited burst, then the connection is gone.
-        itt, replies = ini.command(write10(lba, 64), write=data, immediate_data=bs)
-        replies += ini.data_out(itt, 0xFFFFFFFF, bs, data[bs:4 * bs], final=False)
+        data = b"\x5a" * (blocks * bs)
+        itt, replies = ini.command(write10(lba, blocks), write=data, immediate_data=bs)
+        first_burst = min(len(data), ini.first_burst)
+        if phase == "unsolicited":
+            replies += ini.data_out(itt, 0xFFFFFFFF, bs, data[bs:4 * bs], final=False)
+        else:
+            replies += ini.data_out(itt, 0xFFFFFFFF, bs, data[bs:first_burst], final=True)
+            r2ts = [p for p in replies if p.opcode == P.Opcode.R2T]
+            deadline = time.monotonic() + 5
+            while not r2ts and time.monotonic() < deadline:
+                r2ts = [p for p in ini.collect() if p.opcode == P.Opcode.R2T]
+            assert r2ts, "no R2T for the data past the first burst"
+            offset = r2ts[0].w(40)
+            replies += ini.data_out(itt, r2ts[0].w(20), offset, data[offset:offset + 8 * bs],
+                                    final=False)
         assert not any(p.opcode == P.Opcode.SCSI_RESPONSE for p in replies)
         link_of(ini).close()
         time.sleep(0.2)
         # The command never had all its data: it was never executed, so none of it landed.
-        assert session.read16(lun, lba, 64, bs) == before
+        assert session.read16(lun, lba, blocks, bs) == before
         # And the initiator's reconnect works.
         again = logged_in(iscsi_target)
         assert still_answers(again)
