@@ -482,3 +482,29 @@ def test_login_request_without_transit_may_carry_any_nsg() -> None:
     (reply,) = ini.send(header, text)
     assert reply.opcode == P.Opcode.LOGIN_RESPONSE and reply.w(36) >> 16 == 0
     assert not ini.conn.closing
+
+
+def test_a_login_that_stalls_is_dropped() -> None:
+    _backend, portal = make()
+    ini = TestInitiator(Connection(portal, now=0.0))
+    header, text = ini.login_pdu([("InitiatorName", ini.name), ("TargetName", IQN)],
+                                 csg=0, nsg=1, transit=False)
+    ini.send(header, text)  # a first request, then nothing more
+    ini.conn.handle_timeout(portal.settings.login_timeout - 1)
+    assert not ini.conn.closing
+    ini.conn.handle_timeout(portal.settings.login_timeout + 1)
+    assert ini.conn.closing and ini.conn.close_reason == "login timed out"
+
+
+def test_connections_beyond_max_connections_are_refused() -> None:
+    _backend, portal = make()
+    first = TestInitiator(Connection(portal))
+    login = first.login(IQN)  # MaxConnections stays at its default, 1
+    tsih = login.field8 & 0xFFFF
+    second = TestInitiator(Connection(portal), isid=first.isid)
+    header, text = second.login_pdu([("InitiatorName", first.name), ("TargetName", IQN),
+                                     ("AuthMethod", "None")], csg=0, nsg=3, transit=True,
+                                    tsih=tsih, cid=1)
+    (reply,) = second.send(header, text)
+    assert (reply.w(36) >> 24, (reply.w(36) >> 16) & 0xFF) == (2, 6)
+    assert not first.conn.closing
