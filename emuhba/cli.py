@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from emuhba.control import ControlServer
     from emuhba.hba import Hba
     from emuhba.metrics import MetricsServer
+    from target.chap import ChapPolicy
     from target.portal import TargetPortal
 
 log = structlog.get_logger("emuhba")
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "container): default is the address each connection arrived on")
     serve.add_argument("--iqn", default=DEFAULT_IQN, help="iSCSI name of the exported target")
     serve.add_argument("--alias", default=None, help="TargetAlias announced at login")
+    serve.add_argument("--chap", metavar="USER:SECRET_FILE", default=None,
+                       help="logins must authenticate with CHAP as USER, with the secret in "
+                            "SECRET_FILE (owner-only; a secret never goes on a command line)")
+    serve.add_argument("--chap-mutual", metavar="USER:SECRET_FILE", default=None,
+                       help="the target's own CHAP name and secret, for initiators that ask "
+                            "for mutual CHAP")
     serve.add_argument("--ram-lun", action=_LunOrder, type=parse_size, metavar="SIZE",
                        help="add a RAM-backed LUN of SIZE (e.g. 64M, 1G); repeatable, LUNs are "
                             "numbered in the order given")
@@ -204,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             stores.append(StoreConfig(f"lun{lun}", "file", value.size,
                                       path=os.path.abspath(value.path),
                                       block_size=args.block_size))
+    chap = _chap_from_args(args)
     return ServerConfig(
         source="command line",
         portals=tuple(args.portal or [parse_hostport(DEFAULT_PORTAL)]),
@@ -213,12 +221,36 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         controllers=(ControllerConfig("disk0", "disk"),),
         adapters=(AdapterConfig("hba0", "disk0", args.port_model, args.queue_depth),),
         targets=(TargetConfig(args.iqn, "hba0", args.alias,
-                              tuple(LunMapEntry(i, s.name) for i, s in enumerate(stores))),),
+                              tuple(LunMapEntry(i, s.name) for i, s in enumerate(stores)),
+                              chap=chap),),
         control_socket=args.control_socket, control=not args.no_control,
         metrics=args.metrics)
 
 
-_LUN_FLAGS = ("luns", "portal", "advertise", "alias", "metrics", "control_socket")
+def _chap_from_args(args: argparse.Namespace) -> ChapPolicy | None:
+    """--chap and --chap-mutual (USER:SECRET_FILE each), checked as a config file's auth is."""
+    from emuhba.config import ConfigError, Problem, chap_from_files
+
+    def split(flag: str, value: str) -> tuple[str, str]:
+        user, sep, path = value.partition(":")
+        if not sep or not user or not path:
+            raise ConfigError([Problem("command line", None, flag,
+                                       f"{value!r}: give USER:SECRET_FILE")])
+        return user, path
+
+    chap, mutual = getattr(args, "chap", None), getattr(args, "chap_mutual", None)
+    if chap is None:
+        if mutual is not None:
+            raise ConfigError([Problem("command line", None, "--chap-mutual",
+                                       "needs --chap too")])
+        return None
+    user, path = split("--chap", chap)
+    mutual_user, mutual_path = split("--chap-mutual", mutual) if mutual else (None, None)
+    return chap_from_files(user, path, mutual_user, mutual_path)
+
+
+_LUN_FLAGS = ("luns", "portal", "advertise", "alias", "metrics", "control_socket", "chap",
+              "chap_mutual")
 
 
 def _check_config_flags(args: argparse.Namespace) -> str | None:
@@ -248,7 +280,12 @@ async def serve(args: argparse.Namespace, config: ServerConfig | None = None) ->
     from target.server import TargetServer
 
     if config is None:
-        config = config_from_args(args)
+        try:
+            config = config_from_args(args)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("bad command line", problem=str(problem))
+            return 2
     try:
         installation = Installation(config)
     except ConfigError as exc:

@@ -552,6 +552,21 @@ def load_config(path: str | Path) -> ServerConfig:
     return parse_config(text, source, base=Path(path).resolve().parent)
 
 
+def chap_from_files(user: str, secret_file: str, mutual_user: str | None = None,
+                    mutual_secret_file: str | None = None) -> ChapPolicy:
+    """A CHAP policy from names and secret files, checked as a config file's ``auth`` table
+    is (the command line's --chap and --chap-mutual)."""
+    reader = _Reader("", "command line")
+    table: dict[str, Any] = {"user": user, "secret_file": secret_file}
+    if mutual_user is not None:
+        table |= {"mutual_user": mutual_user, "mutual_secret_file": mutual_secret_file}
+    policy = reader.attempt(lambda: _Parser(reader, Path.cwd())._chap(table, ("--chap",)))
+    if reader.problems or policy is None:
+        raise ConfigError(reader.problems or [Problem("command line", None, "--chap",
+                                                      "invalid")])
+    return policy
+
+
 def parse_config(text: str, source: str = "<config>", *, base: Path | None = None) -> ServerConfig:
     try:
         doc = tomllib.loads(text)

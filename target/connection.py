@@ -727,9 +727,13 @@ class Connection:
                     node.backend.restrict_nexus(nexus, entry.luns, entry.read_only)
         session.connections.append(self)
         self.session = session
+        auth = neg.authenticator
         log.info("login complete", conn=self.id, peer=self.peer, initiator=initiator,
                  target=session.target_name or "(discovery)", tsih=session.tsih, cid=self.cid,
-                 header_digest=params.header_digest, data_digest=params.data_digest)
+                 header_digest=params.header_digest, data_digest=params.data_digest,
+                 auth=auth.method if auth is not None else "None",
+                 chap=(f"{auth.algorithm_name}{' mutual' if auth.mutual else ''}"
+                       if isinstance(auth, ChapAuthenticator) else None))
         return session.tsih
 
     def _apply_params(self, params: SessionParams) -> None:

@@ -454,6 +454,11 @@ class LoginNegotiator:
     # -- public API ----------------------------------------------------------------------------
 
     @property
+    def authenticator(self) -> Authenticator | None:
+        """The authenticator of the method agreed on, once there is one."""
+        return self._authenticator
+
+    @property
     def auth_method(self) -> str | None:
         """The AuthMethod in force once one has been selected (``None`` string for none)."""
         return self._authenticator.method if self._authenticator is not None else None

@@ -291,3 +291,49 @@ logout
     logins = [line for line in target.log_path.read_text().splitlines()
               if "login complete" in line and initiator in line and f"target={target.iqn}" in line]
     assert len(logins) == 2, "\n".join(logins)
+
+
+def test_mutual_chap_with_sha256(guest: GuestHarness) -> None:
+    """The Linux initiator logs in to a target that requires CHAP, offering only SHA-256 and
+    asking the target to authenticate itself too (mutual CHAP), then runs a verified fio job.
+    A wrong password is refused first. The target's log names the algorithm and shows no
+    secret."""
+    secrets_dir = guest.workdir / "secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    initiator_secret, target_secret = "guest-chap-secret-2026", "array-chap-secret-2026"
+    for name, value in (("initiator", initiator_secret), ("target", target_secret)):
+        path = secrets_dir / name
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+    target = guest.target(file_size=None, extra_args=[
+        "--chap", f"guest-user:{secrets_dir / 'initiator'}",
+        "--chap-mutual", f"array:{secrets_dir / 'target'}"])
+    size = 8 * MIB
+    vm = guest.vm
+    env = guest.env(target) | {"CHAP_SECRET": initiator_secret, "CHAP_SECRET_IN": target_secret}
+    vm.start(f"""
+iscsi_start
+discover
+node_set node.session.auth.authmethod CHAP
+node_set node.session.auth.chap_algs SHA256
+node_set node.session.auth.username guest-user
+node_set node.session.auth.password wrong-secret-000000
+if login; then echo "logged in with a wrong secret" >&2; exit 1; fi
+node_set node.session.auth.password "$CHAP_SECRET"
+node_set node.session.auth.username_in array
+node_set node.session.auth.password_in "$CHAP_SECRET_IN"
+login
+mark logged-in
+ram=$(lun_dev 0)
+fio_run ram-randwrite --filename="$ram" --rw=randwrite --bsrange=4k-64k --size={size} \
+    {FIO_COMMON} --verify=crc32c --do_verify=1
+logout
+""", env)
+    vm.wait_for_mark("logged-in", VM_TIMEOUT_S)
+    result = vm.wait(VM_TIMEOUT_S)
+    assert result.status == 0, result.describe()
+    check_write_verify(vm, "ram-randwrite", size)
+    log = str(target.server.log_text())
+    assert "chap='SHA-256 mutual'" in log, log
+    assert "CHAP name or response does not match" in log, log
+    assert initiator_secret not in log and target_secret not in log

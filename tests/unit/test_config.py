@@ -266,3 +266,28 @@ def test_chap_problems_are_reported_without_the_secret(tmp_path: Path, auth: str
     found = [str(p) for p in info.value.problems]
     assert any(expected in p for p in found), found
     assert not any("same-secret" in p or "world-readable" in p for p in found)
+
+
+def test_chap_on_the_command_line_reads_owner_only_secret_files(tmp_path: Path) -> None:
+    mine, theirs, open_file = (tmp_path / n for n in ("mine", "theirs", "open"))
+    for path, text in ((mine, "initiator-secret-01"), (theirs, "target-secret-0001"),
+                       (open_file, "readable-by-all-01")):
+        path.write_text(text + "\n")
+        path.chmod(0o600)
+    open_file.chmod(0o644)
+    args = build_parser().parse_args(["serve", "--chap", f"alice:{mine}",
+                                      "--chap-mutual", f"array:{theirs}"])
+    chap = config_from_args(args).targets[0].chap
+    assert chap is not None and chap.initiator.user == "alice"
+    assert chap.initiator.secret == b"initiator-secret-01"
+    assert chap.target is not None and chap.target.secret == b"target-secret-0001"
+    assert config_from_args(build_parser().parse_args(["serve"])).targets[0].chap is None
+    for argv, expected in (
+        (["--chap", f"alice:{open_file}"], "readable by others"),
+        (["--chap", "alice"], "give USER:SECRET_FILE"),
+        (["--chap-mutual", f"array:{theirs}"], "needs --chap too"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            config_from_args(build_parser().parse_args(["serve", *argv]))
+        assert expected in str(info.value)
+        assert "readable-by-all" not in str(info.value)
