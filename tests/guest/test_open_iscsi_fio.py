@@ -293,11 +293,13 @@ logout
     assert len(logins) == 2, "\n".join(logins)
 
 
-def test_mutual_chap_with_sha256(guest: GuestHarness) -> None:
-    """The Linux initiator logs in to a target that requires CHAP, offering only SHA-256 and
-    asking the target to authenticate itself too (mutual CHAP), then runs a verified fio job.
-    A wrong password is refused first. The target's log names the algorithm and shows no
-    secret."""
+@pytest.mark.parametrize(("offered", "chosen"), [("SHA256", "SHA-256"), ("SHA3-256", "SHA3-256"),
+                                               ("SHA1", "SHA-1")])
+def test_mutual_chap(guest: GuestHarness, offered: str, chosen: str) -> None:
+    """The Linux initiator logs in to a target that requires CHAP, offering only one
+    algorithm and asking the target to authenticate itself too (mutual CHAP), then runs a
+    verified fio job. A wrong password is refused first. The target's log names the algorithm
+    and shows no secret."""
     secrets_dir = guest.workdir / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
     initiator_secret, target_secret = "guest-chap-secret-2026", "array-chap-secret-2026"
@@ -315,7 +317,7 @@ def test_mutual_chap_with_sha256(guest: GuestHarness) -> None:
 iscsi_start
 discover
 node_set node.session.auth.authmethod CHAP
-node_set node.session.auth.chap_algs SHA256
+node_set node.session.auth.chap_algs {offered}
 node_set node.session.auth.username guest-user
 node_set node.session.auth.password wrong-secret-000000
 if login; then echo "logged in with a wrong secret" >&2; exit 1; fi
@@ -334,6 +336,6 @@ logout
     assert result.status == 0, result.describe()
     check_write_verify(vm, "ram-randwrite", size)
     log = str(target.server.log_text())
-    assert "chap='SHA-256 mutual'" in log, log
+    assert f"chap='{chosen} mutual'" in log, log
     assert "CHAP name or response does not match" in log, log
     assert initiator_secret not in log and target_secret not in log
