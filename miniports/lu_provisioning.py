@@ -198,6 +198,21 @@ class ProvisioningMixin:
         if durable or not lu._wce:
             lu._store.flush()
 
+    def _writable(self, srb: Srb, lba: int, blocks: int) -> bool:
+        """The checks a write of ``blocks`` at ``lba`` passes once its CDB is valid: the unit
+        is ready, the range is on the medium (zero blocks may name the LBA just past the end)
+        and writes are allowed. False when ``srb`` was failed."""
+        lu = self._lu
+        if lu._stopped:
+            lu._fail(srb, lu._not_ready)
+        elif lu._out_of_range(lba, blocks) and not (blocks == 0 and lba <= lu._num_blocks):
+            lu._fail(srb, S.LBA_OUT_OF_RANGE)
+        elif lu._read_only:
+            lu._fail(srb, S.WRITE_PROTECTED)
+        else:
+            return True
+        return False
+
     def _deallocate(self, lba: int, blocks: int) -> None:
         lu = self._lu
         bs = lu._block_size
@@ -370,14 +385,7 @@ class ProvisioningMixin:
         if blocks > MAX_COMPARE_AND_WRITE_BLOCKS:
             lu._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=13)
             return
-        if lu._stopped:
-            lu._fail(srb, lu._not_ready)
-            return
-        if lu._out_of_range(lba, blocks) and not (blocks == 0 and lba <= lu._num_blocks):
-            lu._fail(srb, S.LBA_OUT_OF_RANGE)
-            return
-        if lu._read_only:
-            lu._fail(srb, S.WRITE_PROTECTED)
+        if not self._writable(srb, lba, blocks):
             return
         bs = lu._block_size
         wanted = 2 * blocks * bs
@@ -479,14 +487,7 @@ class ProvisioningMixin:
         if blocks > self._max_atomic_blocks:
             lu._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=12)
             return
-        if lu._stopped:
-            lu._fail(srb, lu._not_ready)
-            return
-        if lu._out_of_range(lba, blocks) and not (blocks == 0 and lba <= lu._num_blocks):
-            lu._fail(srb, S.LBA_OUT_OF_RANGE)
-            return
-        if lu._read_only:
-            lu._fail(srb, S.WRITE_PROTECTED)
+        if not self._writable(srb, lba, blocks):
             return
         bs = lu._block_size
         wanted = blocks * bs

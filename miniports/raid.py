@@ -620,19 +620,10 @@ class RaidVolume(BlockStore):
             return
         self._check_online()
         pieces = list(self._pieces(offset, length))
-        groups, strip, base = self._groups, self.strip_size, self.data_offset
-        locks: list[threading.Lock] = []
-        if self.level is not RaidLevel.RAID0:
-            ids = sorted({(logical // groups) % _LOCK_TABLE_SIZE for logical, _, _ in pieces})
-            locks = [self._row_locks[i] for i in ids]
-        for lock in locks:
-            lock.acquire()
-        try:
+        strip, base = self.strip_size, self.data_offset
+        with self._rows_locked(pieces):
             for logical, within, size in pieces:
-                group, row = logical % groups, logical // groups
-                targets = [m for m in self._group_members(group) if self._in_sync(m, row)]
-                if not targets:
-                    self._raise_offline()
+                row, targets = self._copies_of(logical)
                 for m in targets:
                     store = self._members[m].store
                     assert store is not None
@@ -640,9 +631,6 @@ class RaidVolume(BlockStore):
                         store.deallocate(base + row * strip + within, size)
                     except OSError as exc:
                         self._member_error(m, exc)
-        finally:
-            for lock in reversed(locks):
-                lock.release()
         self._check_online()
 
     def _deallocate_raid5(self, offset: int, length: int) -> None:
@@ -948,33 +936,44 @@ class RaidVolume(BlockStore):
         for member, run in plan:
             self._read_member(member, run.offset, run.size, run.views)
 
-    def _write_mirrored(self, offset: int, length: int, bufs: Sequence[memoryview]) -> None:
-        pieces = list(self._pieces(offset, length))
-        groups, strip, base = self._groups, self.strip_size, self.data_offset
+    @contextlib.contextmanager
+    def _rows_locked(self, pieces: Sequence[tuple[int, int, int]]) -> Iterator[None]:
+        """Hold the row locks of ``pieces`` on mirrored levels: mirrors must see concurrent
+        changes in the same order, and a rebuild copying a row must not interleave with one."""
         locks: list[threading.Lock] = []
         if self.level is not RaidLevel.RAID0:
-            # Mirrors must see concurrent writes in the same order, and a rebuild copying a row
-            # must not interleave with a write to it.
+            groups = self._groups
             ids = sorted({(logical // groups) % _LOCK_TABLE_SIZE for logical, _, _ in pieces})
             locks = [self._row_locks[i] for i in ids]
         for lock in locks:
             lock.acquire()
         try:
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def _copies_of(self, logical: int) -> tuple[int, list[int]]:
+        """(row, in-sync members holding logical strip ``logical``); offline if none does."""
+        group, row = logical % self._groups, logical // self._groups
+        targets = [m for m in self._group_members(group) if self._in_sync(m, row)]
+        if not targets:
+            self._raise_offline()
+        return row, targets
+
+    def _write_mirrored(self, offset: int, length: int, bufs: Sequence[memoryview]) -> None:
+        pieces = list(self._pieces(offset, length))
+        strip, base = self.strip_size, self.data_offset
+        with self._rows_locked(pieces):
             cursor = _SgCursor(bufs)
             plan = _Plan()
             for logical, within, size in pieces:
-                group, row = logical % groups, logical // groups
                 views = cursor.take(size)
-                targets = [m for m in self._group_members(group) if self._in_sync(m, row)]
-                if not targets:
-                    self._raise_offline()
+                row, targets = self._copies_of(logical)
                 for m in targets:
                     plan.add(m, base + row * strip + within, size, views)
             for member, run in plan:
                 self._write_member(member, run.offset, run.size, run.views)
-        finally:
-            for lock in reversed(locks):
-                lock.release()
 
     # ----------------------------------------------------------------- RAID 5 I/O
 

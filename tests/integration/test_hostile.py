@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any, cast
@@ -23,6 +22,7 @@ from target import pdu as P
 from tests.conftest import RunningTarget
 from tests.initiator import Pdu, TestInitiator, bhs, inquiry, scsi_status, write10
 from tests.integration import libiscsi_client
+from tests.integration.verifier import DataVerifier
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("libiscsi_tools")]
 
@@ -98,50 +98,15 @@ def still_answers(ini: TestInitiator) -> bool:
     return any(p.opcode == P.Opcode.NOP_IN and p.data == b"ping" for p in replies)
 
 
-class Bystander:
-    """A libiscsi session writing and reading back its own blocks until stopped."""
-
-    def __init__(self, target: RunningTarget) -> None:
-        self.target = target
-        self.ops = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        disk = self.target.disk("ram")
-        try:
-            session = libiscsi_client.Session(self.target.portal, self.target.iqn, disk.lun,
-                                              initiator="iqn.2026-11.io.emuhba:bystander")
-        except Exception as exc:
-            self.errors.append(f"login: {exc}")
-            return
-        try:
-            bs = self.target.block_length
-            lba = 0
-            while not self._stop.is_set():
-                data = os.urandom(8 * bs)
-                session.write16(disk.lun, 4096 + lba, data, bs)
-                if session.read16(disk.lun, 4096 + lba, 8, bs) != data:
-                    self.errors.append(f"read back differs at {4096 + lba}")
-                self.ops += 1
-                lba = (lba + 8) % 2048
-        except Exception as exc:
-            self.errors.append(repr(exc))
-        finally:
-            session.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
-def bystander(_session_target: RunningTarget) -> Iterator[Bystander]:
+def bystander(_session_target: RunningTarget) -> Iterator[DataVerifier]:
     if _session_target.flavour != "emuhba":
         pytest.skip("hostile input is thrown at emuhba only")
-    watcher = Bystander(_session_target)
+    target = _session_target
+    watcher = DataVerifier(target.portal, target.iqn, target.disk("ram").lun,
+                           initiator="iqn.2026-11.io.emuhba:bystander",
+                           block_length=target.block_length, first_lba=4096, blocks=8,
+                           span=2048)
     time.sleep(0.5)
     yield watcher
     watcher.stop()
@@ -161,13 +126,13 @@ def rejected(pdus: list[Pdu]) -> int | None:
 
 
 def test_garbage_before_login_drops_the_connection(iscsi_target: RunningTarget,
-                                                   bystander: Bystander) -> None:
+                                                   bystander: DataVerifier) -> None:
     ini = initiator(iscsi_target)
     ini.send_raw(os.urandom(4096))
     assert link_of(ini).wait_closed()
 
 
-def test_truncated_header_then_silence(iscsi_target: RunningTarget, bystander: Bystander) -> None:
+def test_truncated_header_then_silence(iscsi_target: RunningTarget, bystander: DataVerifier) -> None:
     ini = initiator(iscsi_target)
     header, _ = ini.login_pdu([("InitiatorName", ini.name)], csg=0, nsg=1, transit=True)
     ini.send_raw(bytes(header[:20]))
@@ -180,7 +145,7 @@ def test_truncated_header_then_silence(iscsi_target: RunningTarget, bystander: B
                                     P.Opcode.SNACK_REQUEST, 0x3F])
 @pytest.mark.parametrize("stage", ["first", "security", "operational"])
 def test_a_non_login_pdu_during_login_ends_the_login(iscsi_target: RunningTarget,
-                                                     bystander: Bystander, opcode: int,
+                                                     bystander: DataVerifier, opcode: int,
                                                      stage: str) -> None:
     ini = initiator(iscsi_target)
     if stage != "first":
@@ -197,7 +162,7 @@ def test_a_non_login_pdu_during_login_ends_the_login(iscsi_target: RunningTarget
 
 
 def test_oversized_data_segment_is_rejected_not_buffered(iscsi_target: RunningTarget,
-                                                         bystander: Bystander) -> None:
+                                                         bystander: DataVerifier) -> None:
     ini = logged_in(iscsi_target)
     header = bhs(P.Opcode.NOP_OUT, 0x80, 0, 0, 16 << 20, 0, ini.next_itt(), 0xFFFFFFFF,
                  ini.cmdsn, ini.exp_statsn, immediate=True)
@@ -207,7 +172,7 @@ def test_oversized_data_segment_is_rejected_not_buffered(iscsi_target: RunningTa
 
 
 def test_bad_header_digest_drops_the_connection(digest_target: RunningTarget,
-                                                bystander: Bystander) -> None:
+                                                bystander: DataVerifier) -> None:
     ini = initiator(digest_target)
     ini.login(digest_target.iqn, digests=True)
     header = bytes(bhs(P.Opcode.NOP_OUT, 0x80, 0, 0, 0, 0, ini.next_itt(), 0xFFFFFFFF,
@@ -217,7 +182,7 @@ def test_bad_header_digest_drops_the_connection(digest_target: RunningTarget,
 
 
 def test_bad_data_digest_gets_a_reject_and_the_connection_lives(
-        digest_target: RunningTarget, bystander: Bystander) -> None:
+        digest_target: RunningTarget, bystander: DataVerifier) -> None:
     ini = initiator(digest_target)
     ini.login(digest_target.iqn, digests=True)
     header = bhs(P.Opcode.NOP_OUT, 0x80, 0, 0, 4, 0, ini.next_itt(), 0xFFFFFFFF,
@@ -229,7 +194,7 @@ def test_bad_data_digest_gets_a_reject_and_the_connection_lives(
 
 
 def test_out_of_window_cmdsn_is_ignored(iscsi_target: RunningTarget,
-                                        bystander: Bystander) -> None:
+                                        bystander: DataVerifier) -> None:
     ini = logged_in(iscsi_target)
     _, replies = ini.command(inquiry(), read=96, cmdsn=(ini.cmdsn + 100_000) & 0xFFFFFFFF)
     assert not any(p.opcode == P.Opcode.SCSI_RESPONSE for p in replies)
@@ -239,7 +204,7 @@ def test_out_of_window_cmdsn_is_ignored(iscsi_target: RunningTarget,
 
 
 def test_data_out_for_an_unknown_task(iscsi_target: RunningTarget,
-                                      bystander: Bystander) -> None:
+                                      bystander: DataVerifier) -> None:
     ini = logged_in(iscsi_target)
     # Data for a task the target does not know may be the late data of an aborted task:
     # dropped without an answer (RFC 7143 11.7), and the connection carries on.
@@ -248,7 +213,7 @@ def test_data_out_for_an_unknown_task(iscsi_target: RunningTarget,
     assert still_answers(ini)
 
 
-def test_nop_out_flood(iscsi_target: RunningTarget, bystander: Bystander) -> None:
+def test_nop_out_flood(iscsi_target: RunningTarget, bystander: DataVerifier) -> None:
     ini = logged_in(iscsi_target)
     burst = bytearray()
     for i in range(20_000):
@@ -265,7 +230,7 @@ def test_nop_out_flood(iscsi_target: RunningTarget, bystander: Bystander) -> Non
 
 @pytest.mark.parametrize("phase", ["unsolicited", "solicited"])
 def test_write_burst_cut_by_a_lost_connection_is_not_reported_done(
-        iscsi_target: RunningTarget, bystander: Bystander, phase: str) -> None:
+        iscsi_target: RunningTarget, bystander: DataVerifier, phase: str) -> None:
     bs = iscsi_target.block_length
     lun = iscsi_target.disk("ram").lun
     lba = 20_000 if phase == "unsolicited" else 24_000
@@ -306,7 +271,7 @@ def test_write_burst_cut_by_a_lost_connection_is_not_reported_done(
 
 
 def test_the_server_still_serves_new_logins(iscsi_target: RunningTarget,
-                                            bystander: Bystander) -> None:
+                                            bystander: DataVerifier) -> None:
     ini = logged_in(iscsi_target)
     _, replies = ini.command(inquiry(), read=96)
     assert scsi_status(replies)[0] == 0

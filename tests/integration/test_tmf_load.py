@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -24,8 +23,8 @@ import pytest
 from target import pdu as P
 from tests.conftest import load_bench
 from tests.initiator import Pdu, TestInitiator, read10, write10
-from tests.integration import libiscsi_client
 from tests.integration.test_hostile import SocketLink
+from tests.integration.verifier import DataVerifier
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("libiscsi_tools")]
 
@@ -95,43 +94,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         assert proc.stop(timeout=30.0) == 0, log.read_text()[-3000:]
 
 
-class Verifier:
-    """libiscsi on one LUN: write, read back, compare, until stopped."""
-
-    def __init__(self, server: Server, iqn: str = IQN, lun: int = 1) -> None:
-        self.server = server
-        self.iqn, self.lun = iqn, lun
-        self.ops = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            session = libiscsi_client.Session(f"127.0.0.1:{self.server.port}", self.iqn,
-                                              self.lun,
-                                              initiator="iqn.2026-11.io.emuhba:verifier")
-        except Exception as exc:
-            self.errors.append(f"login: {exc}")
-            return
-        try:
-            lba = 0
-            while not self._stop.is_set():
-                data = os.urandom(4 * BS)
-                session.write16(self.lun, lba, data, BS)
-                if session.read16(self.lun, lba, 4, BS) != data:
-                    self.errors.append(f"{self.iqn} LUN {self.lun} read back differs at {lba}")
-                self.ops += 1
-                lba = (lba + 4) % 4096
-        except Exception as exc:
-            self.errors.append(repr(exc))
-        finally:
-            session.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+def verifier_on(server: Server, iqn: str = IQN, lun: int = 1) -> DataVerifier:
+    return DataVerifier(f"127.0.0.1:{server.port}", iqn, lun,
+                        initiator="iqn.2026-11.io.emuhba:verifier", block_length=BS)
 
 
 class LoadedSession:
@@ -210,14 +175,14 @@ def settled(server: Server, timeout: float = 10.0) -> dict[str, float]:
 
 
 @pytest.fixture
-def verifier(server: Server) -> Iterator[Verifier]:
-    watcher = Verifier(server)
+def verifier(server: Server) -> Iterator[DataVerifier]:
+    watcher = verifier_on(server)
     yield watcher
     watcher.stop()
     assert watcher.ops > 0 and not watcher.errors, watcher.errors
 
 
-def test_abort_task_under_load(server: Server, verifier: Verifier) -> None:
+def test_abort_task_under_load(server: Server, verifier: DataVerifier) -> None:
     sessions = [LoadedSession(server, n) for n in range(3)]
     for s in reversed(sessions):  # the victim last, so its tasks are the youngest
         s.load(32)
@@ -242,7 +207,8 @@ def test_abort_task_under_load(server: Server, verifier: Verifier) -> None:
 @pytest.mark.parametrize("function", [TMF_LUN_RESET, TMF_TARGET_WARM_RESET])
 def test_resets_under_load(server: Server, function: int) -> None:
     # What must not notice: the next LUN for a LUN reset, the next target for a target reset.
-    bystander = Verifier(server) if function == TMF_LUN_RESET else Verifier(server, OTHER_IQN, 0)
+    bystander = verifier_on(server) if function == TMF_LUN_RESET \
+        else verifier_on(server, OTHER_IQN, 0)
     try:
         reset_under_load(server, function)
     finally:
