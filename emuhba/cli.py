@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chap-mutual", metavar="USER:SECRET_FILE", default=None,
                        help="the target's own CHAP name and secret, for initiators that ask "
                             "for mutual CHAP")
+    serve.add_argument("--discovery-chap", metavar="USER:SECRET_FILE", default=None,
+                       help="discovery sessions must authenticate with CHAP as USER")
+    serve.add_argument("--discovery-chap-mutual", metavar="USER:SECRET_FILE", default=None,
+                       help="the target's CHAP name and secret for discovery sessions that ask "
+                            "for mutual CHAP")
     serve.add_argument("--ram-lun", action=_LunOrder, type=parse_size, metavar="SIZE",
                        help="add a RAM-backed LUN of SIZE (e.g. 64M, 1G); repeatable, LUNs are "
                             "numbered in the order given")
@@ -211,12 +216,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             stores.append(StoreConfig(f"lun{lun}", "file", value.size,
                                       path=os.path.abspath(value.path),
                                       block_size=args.block_size))
-    chap = _chap_from_args(args)
+    chap = _chap_from_args(args, "chap")
+    discovery_chap = _chap_from_args(args, "discovery_chap")
     return ServerConfig(
         source="command line",
         portals=tuple(args.portal or [parse_hostport(DEFAULT_PORTAL)]),
         advertise=tuple(_advertise_list(args.advertise)),
         header_digest=args.header_digest, data_digest=args.data_digest,
+        discovery_chap=discovery_chap,
         stores=tuple(stores),
         controllers=(ControllerConfig("disk0", "disk"),),
         adapters=(AdapterConfig("hba0", "disk0", args.port_model, args.queue_depth),),
@@ -227,8 +234,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics=args.metrics)
 
 
-def _chap_from_args(args: argparse.Namespace) -> ChapPolicy | None:
-    """--chap and --chap-mutual (USER:SECRET_FILE each), checked as a config file's auth is."""
+def _chap_from_args(args: argparse.Namespace, dest: str) -> ChapPolicy | None:
+    """--chap and --chap-mutual, or --discovery-chap and --discovery-chap-mutual
+    (USER:SECRET_FILE each), checked as a config file's auth is."""
     from emuhba.config import ConfigError, Problem, chap_from_files
 
     def split(flag: str, value: str) -> tuple[str, str]:
@@ -238,19 +246,20 @@ def _chap_from_args(args: argparse.Namespace) -> ChapPolicy | None:
                                        f"{value!r}: give USER:SECRET_FILE")])
         return user, path
 
-    chap, mutual = getattr(args, "chap", None), getattr(args, "chap_mutual", None)
+    flag = "--" + dest.replace("_", "-")
+    chap, mutual = getattr(args, dest, None), getattr(args, f"{dest}_mutual", None)
     if chap is None:
         if mutual is not None:
-            raise ConfigError([Problem("command line", None, "--chap-mutual",
-                                       "needs --chap too")])
+            raise ConfigError([Problem("command line", None, f"{flag}-mutual",
+                                       f"needs {flag} too")])
         return None
-    user, path = split("--chap", chap)
-    mutual_user, mutual_path = split("--chap-mutual", mutual) if mutual else (None, None)
-    return chap_from_files(user, path, mutual_user, mutual_path)
+    user, path = split(flag, chap)
+    mutual_user, mutual_path = split(f"{flag}-mutual", mutual) if mutual else (None, None)
+    return chap_from_files(user, path, mutual_user, mutual_path, flag=flag)
 
 
 _LUN_FLAGS = ("luns", "portal", "advertise", "alias", "metrics", "control_socket", "chap",
-              "chap_mutual")
+              "chap_mutual", "discovery_chap", "discovery_chap_mutual")
 
 
 def _check_config_flags(args: argparse.Namespace) -> str | None:
@@ -304,7 +313,8 @@ async def serve(args: argparse.Namespace, config: ServerConfig | None = None) ->
                               nop_interval=config.nop_interval_s,
                               nop_timeout=config.nop_timeout_s,
                               discovery_chap=config.discovery_chap,
-                              max_sessions_per_target=config.max_sessions_per_target)
+                              max_sessions_per_target=config.max_sessions_per_target,
+                              session_buffer_bytes=config.session_buffer_mib << 20)
     portal = TargetPortal(installation.nodes, settings)
     installation.attach_portal(portal)
     server = TargetServer(portal)

@@ -191,6 +191,8 @@ class ServerConfig:
     nop_timeout_s: float = 15.0
     discovery_chap: ChapPolicy | None = None
     max_sessions_per_target: int = 256
+    # Memory one session's commands may hold for their data; commands beyond it wait.
+    session_buffer_mib: int = 64
     stores: tuple[StoreConfig, ...] = ()
     controllers: tuple[ControllerConfig, ...] = ()
     adapters: tuple[AdapterConfig, ...] = ()
@@ -553,17 +555,16 @@ def load_config(path: str | Path) -> ServerConfig:
 
 
 def chap_from_files(user: str, secret_file: str, mutual_user: str | None = None,
-                    mutual_secret_file: str | None = None) -> ChapPolicy:
+                    mutual_secret_file: str | None = None, *, flag: str = "--chap") -> ChapPolicy:
     """A CHAP policy from names and secret files, checked as a config file's ``auth`` table
-    is (the command line's --chap and --chap-mutual)."""
+    is (the command line's --chap and --chap-mutual, or their --discovery-* twins)."""
     reader = _Reader("", "command line")
     table: dict[str, Any] = {"user": user, "secret_file": secret_file}
     if mutual_user is not None:
         table |= {"mutual_user": mutual_user, "mutual_secret_file": mutual_secret_file}
-    policy = reader.attempt(lambda: _Parser(reader, Path.cwd())._chap(table, ("--chap",)))
+    policy = reader.attempt(lambda: _Parser(reader, Path.cwd())._chap(table, (flag,)))
     if reader.problems or policy is None:
-        raise ConfigError(reader.problems or [Problem("command line", None, "--chap",
-                                                      "invalid")])
+        raise ConfigError(reader.problems or [Problem("command line", None, flag, "invalid")])
     return policy
 
 
@@ -595,7 +596,8 @@ class _Parser:
         iscsi = r.attempt(lambda: r.table(doc.get("iscsi", {}), ("iscsi",),
                                           ("header_digest", "data_digest", "advertise",
                                            "nop_interval_s", "nop_timeout_s",
-                                           "discovery_auth", "max_sessions_per_target"))) or {}
+                                           "discovery_auth", "max_sessions_per_target",
+                                           "session_buffer_mib"))) or {}
         portals = self._portals(doc)
         stores = self._each(doc, "stores", self._store)
         controllers = self._each(doc, "controllers", self._controller)
@@ -658,6 +660,9 @@ class _Parser:
             "max_sessions_per_target": r.get(
                 iscsi, "max_sessions_per_target", ("iscsi",), int, 256,
                 check=lambda v: None if 0 <= v <= 65535 else f"must be 0 to 65535, not {v}"),
+            "session_buffer_mib": r.get(
+                iscsi, "session_buffer_mib", ("iscsi",), int, 64,
+                check=lambda v: None if 1 <= v <= 65536 else f"must be 1 to 65536, not {v}"),
             "discovery_chap": self._chap(iscsi["discovery_auth"], ("iscsi", "discovery_auth"))
             if "discovery_auth" in iscsi else None,
             "control_socket": str(self.base / control_socket) if control_socket else None,

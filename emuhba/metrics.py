@@ -289,7 +289,11 @@ class PortCollector:
             yield family
         for key, suffix, text in (("connections", "connections", "Connections in the session"),
                                   ("commands_active", "commands_active",
-                                   "SCSI commands accepted and not yet answered")):
+                                   "SCSI commands accepted and not yet answered"),
+                                  ("commands_waiting", "commands_waiting",
+                                   "SCSI commands held unexecuted for room in the buffer budget"),
+                                  ("buffered_bytes", "buffered_bytes",
+                                   "Bytes of command data the session holds (its budget's use)")):
             gauge = GaugeMetricFamily(f"emuhba_iscsi_session_{suffix}", text,
                                       labels=_SESSION_LABELS)
             for snap in sessions:

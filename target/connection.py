@@ -8,12 +8,21 @@ the ScsiBackend interface; their completions come back as calls, which queue mor
 
 Receive buffering is zero-copy for payloads: data segments are handed on as memoryviews of the
 receive buffer, and a buffer that has lent views out is never written again (the next one is fresh).
+
+Memory is bounded per session by ``PortalSettings.session_buffer_bytes``: a command starts (its
+read buffer allocated, its R2Ts sent) only while the data of the session's started commands, plus
+receive buffers kept alive by small payloads, fits in that budget, and not while its connection's
+peer leaves our output unread. Commands beyond it wait in arrival order, unexecuted, holding their
+CmdSN window slots so MaxCmdSN stops advancing; the CmdSN window itself is sized so the unsolicited
+data those waiting commands may carry fits the budget too.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import weakref
+from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, Final
@@ -52,6 +61,17 @@ _SENSE_CRC_ERROR: Final = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x47
 _SENSE_DATA_PHASE: Final = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0x00, 0, 0, 0, 0])
 _SENSE_BIDI: Final = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00, 0, 0, 0, 0])
 _SENSE_TOO_LONG: Final = _SENSE_BIDI
+# Immediate SCSI commands sit outside the CmdSN window; beyond this many in flight a session's
+# further ones are answered TASK SET FULL rather than held.
+IMMEDIATE_TASKS_MAX: Final = 16
+# Text Request continuations (C bit) gathered into one request, at most.
+TEXT_REQUEST_MAX: Final = 64 * 1024
+
+
+class _RecvBuffer(bytearray):
+    """A receive buffer that can be watched: tells the session when its memory is freed."""
+
+    __slots__ = ("__weakref__",)
 
 
 class ConnState(Enum):
@@ -73,7 +93,9 @@ class Task:
         "cmdsn",
         "conn",
         "data_fault",
+        "deferred",
         "edtl",
+        "held",
         "immediate",
         "itt",
         "lun",
@@ -84,6 +106,7 @@ class Task:
         "r2tsn",
         "read_buf",
         "received",
+        "reserved",
         "srb",
         "submitted",
         "unsol_datasn",
@@ -113,6 +136,11 @@ class Task:
         self.r2tsn = 0
         self.submitted = False
         self.aborted = False
+        # Waiting for room in the session's buffer budget; unsolicited data copied in (held).
+        self.deferred = False
+        self.held = 0
+        # Budget bytes this started task counts against (its EDTL).
+        self.reserved = 0
         # Sense to answer with once all data is in, when the data phase went wrong.
         self.data_fault: bytes | None = None
 
@@ -132,12 +160,26 @@ class Session:
         self.params = params
         self.nexus = nexus
         self.exp_cmdsn = exp_cmdsn
+        # Memory budget: data of started tasks (reserved), data copied for waiting commands
+        # (held), receive-buffer bytes kept alive beyond the payloads they lent (pinned).
+        self.budget = max(1, portal.settings.session_buffer_bytes)
+        self.reserved = 0
+        self.held = 0
+        self.pinned = 0
+        self.deferred: deque[Task] = deque()
+        self._starting = False
         self.window = self._window_size()
+        # What waiting commands can hold when the peer keeps to the protocol: each one its first
+        # burst or one data segment. More than that is a flood, and the connection goes.
+        self.held_limit = max(2 * self.budget,
+                              (self.window + IMMEDIATE_TASKS_MAX) * self._per_command())
         self.max_cmdsn = (exp_cmdsn + self.window - 1) & ALL_ONES
         self.active = 0  # accepted non-immediate commands not yet answered
         self.tasks: dict[int, Task] = {}
-        # Non-immediate PDUs that arrived ahead of ExpCmdSN, waiting for the gap to fill.
-        self.pending: dict[int, tuple[Connection, tuple[int, ...], memoryview | None, memoryview]] = {}
+        # Non-immediate PDUs that arrived ahead of ExpCmdSN, waiting for the gap to fill; None
+        # marks a CmdSN whose command ABORT TASK ended before it arrived.
+        self.pending: dict[int, tuple[Connection, tuple[int, ...], memoryview | None,
+                                      memoryview] | None] = {}
         self.connections: list[Connection] = []
         self.closed = False
         # Counters (plain ints, read by the metrics exporter at scrape time).
@@ -151,13 +193,72 @@ class Session:
         if self.node is None:
             return 8
         capacity = self.node.backend.queue_capacity(self.node.path_id, self.node.target_id)
-        return max(16, min(settings.max_window, capacity))
+        return max(16, min(settings.max_window, capacity, self.budget // self._per_command()))
+
+    def _per_command(self) -> int:
+        """Data a command may bring before it starts: immediate data and unsolicited Data-Out,
+        or a data segment while it waits out of order."""
+        params = self.params
+        unsolicited = params.first_burst_length if (params.immediate_data
+                                                    or not params.initial_r2t) else 0
+        return max(unsolicited, params.target_max_recv_data_segment_length, 1)
 
     def update_max_cmdsn(self) -> None:
         # The initiator never lowers its MaxCmdSN, so ours only moves forward.
         candidate = (self.exp_cmdsn - 1 + max(0, self.window - self.active)) & ALL_ONES
         if P.serial_lt(self.max_cmdsn, candidate):
             self.max_cmdsn = candidate
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self.reserved + self.held + self.pinned
+
+    def fits(self, need: int) -> bool:
+        """Room to start a task needing ``need`` bytes; with nothing started, anything fits."""
+        reserved = self.reserved
+        return not need or not reserved or reserved + self.pinned + need <= self.budget
+
+    def release(self, task: Task) -> None:
+        """The task no longer holds data: give its bytes back and start whatever now fits."""
+        if task.reserved:
+            self.reserved -= task.reserved
+            task.reserved = 0
+        if task.held:
+            self.held -= task.held
+            task.held = 0
+        if self.deferred:
+            self.start_deferred()
+
+    def unpin(self, nbytes: int) -> None:
+        # Called by the garbage collector's finalizer, at any point: only count.
+        self.pinned -= nbytes
+
+    def start_deferred(self) -> None:
+        """Start waiting commands in arrival order while they fit and their peers read."""
+        if self._starting or self.closed:
+            return
+        self._starting = True
+        try:
+            waiting = self.deferred
+            while waiting:
+                task = waiting[0]
+                if task.aborted or not task.deferred or self.tasks.get(task.itt) is not task:
+                    waiting.popleft()
+                    continue
+                conn = task.conn
+                if conn.closing:
+                    waiting.popleft()
+                    conn._abort_local(self, task)
+                    continue
+                srb = task.srb
+                need = task.edtl if srb is not None and srb.data_transfer_length else 0
+                if conn.output_paused or not self.fits(need):
+                    return
+                waiting.popleft()
+                conn._launch(task)
+                conn._flush_hint()
+        finally:
+            self._starting = False
 
     def close(self) -> None:
         if self.closed:
@@ -168,6 +269,7 @@ class Session:
             task.aborted = True
         self.tasks.clear()
         self.pending.clear()
+        self.deferred.clear()
         if self.node is not None:
             self.node.backend.nexus_lost(self.nexus)
 
@@ -200,11 +302,17 @@ class Connection:
         self.on_output: Callable[[], None] | None = None
         self._in_receive = False
         # Receive buffer.
-        self._buf = bytearray(RECV_CHUNK)
+        self._buf = _RecvBuffer(RECV_CHUNK)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
         self._lent = False  # payload views of _buf are held by tasks
+        self._lent_bytes = 0  # how much of _buf tasks hold as their data
+        # The peer is not reading our output (the transport's buffer is above its high mark).
+        self.output_paused = False
+        # Budget bytes of finished tasks whose data still sits in our output list: they count
+        # until the adapter takes that output (and the transport's pausing takes over).
+        self._unsent = 0
         # Login.
         self._negotiator: LoginNegotiator | None = None
         self._login_stage = Stage.SECURITY
@@ -246,12 +354,23 @@ class Connection:
             # Nobody holds views into this buffer: slide the partial PDU to the front.
             self._buf[0:pending] = self._view[self._start:self._end]
         else:
-            new = bytearray(size)
+            new = _RecvBuffer(size)
             new[0:pending] = self._view[self._start:self._end]
             self._view.release()
+            old = self._buf
+            session = self.session
+            if self._lent and session is not None:
+                # Views of small payloads keep the whole old buffer alive: count what they keep
+                # beyond their own bytes (those count as their tasks' data) until it is freed.
+                waste = len(old) - self._lent_bytes
+                if waste > 0:
+                    session.pinned += waste
+                    weakref.finalize(old, session.unpin, waste)
+            del old
             self._buf = new
             self._view = memoryview(new)
             self._lent = False
+            self._lent_bytes = 0
         self._start = 0
         self._end = pending
 
@@ -365,12 +484,25 @@ class Connection:
     def note_activity(self, now: float) -> None:
         self._last_rx = now
 
+    def pause_output(self) -> None:
+        """The peer stopped reading: start no more commands on this connection."""
+        self.output_paused = True
+
+    def resume_output(self) -> None:
+        """Our output drained: commands held for it may start."""
+        self.output_paused = False
+        session = self.session
+        if session is not None and session.deferred and not self.closing:
+            session.start_deferred()
+
     def connection_lost(self) -> None:
         """The transport is gone: end the session (ErrorRecoveryLevel 0)."""
         self.closing = True
         self.state = ConnState.CLOSED
         session = self.session
         if session is not None:
+            session.reserved -= self._unsent
+            self._unsent = 0
             if self in session.connections:
                 session.connections.remove(self)
             if not session.connections:
@@ -381,7 +513,19 @@ class Connection:
     def data_to_send(self) -> list[Any]:
         out = self._out
         self._out = []
+        if self._unsent:
+            session = self.session
+            if session is not None:
+                session.reserved -= self._unsent
+            self._unsent = 0
         return out
+
+    def output_written(self) -> None:
+        """The adapter handed our output to the transport. Unless that made the transport pause,
+        commands held for room in the budget may start now."""
+        session = self.session
+        if session is not None and session.deferred and not self.output_paused and not self.closing:
+            session.start_deferred()
 
     def has_output(self) -> bool:
         return bool(self._out)
@@ -470,22 +614,52 @@ class Connection:
             return
         if cmdsn == session.exp_cmdsn:
             session.exp_cmdsn = (cmdsn + 1) & ALL_ONES
-            self._execute(opcode, w, data, bhs, ahs, immediate=False)
+            if session.pending and cmdsn in session.pending:
+                # Aborted before it arrived (ABORT TASK named its CmdSN): counted, never run.
+                del session.pending[cmdsn]
+            else:
+                if opcode != P.Opcode.SCSI_COMMAND:
+                    # A command that takes no task slot opens the window at once.
+                    session.update_max_cmdsn()
+                self._execute(opcode, w, data, bhs, ahs, immediate=False)
             self._drain_pending(session)
         elif (P.serial_lt(session.exp_cmdsn, cmdsn) and P.serial_le(cmdsn, session.max_cmdsn)
               and cmdsn not in session.pending):
-                session.pending[cmdsn] = (self, w, data, memoryview(bytes(bhs)))
+            if data is not None:
+                # Out of order (another connection's commands are late): a copy, so the receive
+                # buffer is not kept alive by it; counted against the session's budget.
+                data = self._hold(session, data)
+            session.pending[cmdsn] = (self, w, data, memoryview(bytes(bhs)))
         # Outside the window (old duplicate or beyond MaxCmdSN): silently ignored (RFC 7143 4.2.2.1).
 
     def _drain_pending(self, session: Session) -> None:
-        while session.pending:
-            entry = session.pending.pop(session.exp_cmdsn, None)
-            if entry is None:
+        pending = session.pending
+        while pending:
+            sn = session.exp_cmdsn
+            if sn not in pending:
                 return
+            entry = pending.pop(sn)
+            session.exp_cmdsn = (sn + 1) & ALL_ONES
+            if entry is None:
+                session.update_max_cmdsn()
+                continue  # aborted before it could run
             conn, w, data, bhs = entry
-            session.exp_cmdsn = (session.exp_cmdsn + 1) & ALL_ONES
+            if data is not None:
+                session.held -= len(data)
+            opcode = w[0] & 0x3F
+            if opcode != P.Opcode.SCSI_COMMAND:
+                session.update_max_cmdsn()
             if not conn.closing:
-                conn._execute(w[0] & 0x3F, w, data, bhs, None, immediate=False)
+                conn._execute(opcode, w, data, bhs, None, immediate=False)
+
+    def _hold(self, session: Session, data: memoryview) -> memoryview:
+        """Copy data a waiting command keeps, and count it; too much means a flooding peer."""
+        session.held += len(data)
+        if session.held > session.held_limit:
+            raise ProtocolViolation(
+                f"commands waiting to start hold {session.held} bytes of data, more than the "
+                f"{session.held_limit} their window and burst lengths allow")
+        return memoryview(bytes(data))
 
     def _execute(self, opcode: int, w: tuple[int, ...], data: memoryview | None, bhs: memoryview,
                  ahs: memoryview | None, *, immediate: bool) -> None:
@@ -791,6 +965,12 @@ class Connection:
                 self._reject(bhs, P.RejectReason.INVALID_PDU_FIELD)
                 return
         lun = P.decode_lun(w[5])
+        if immediate and len(session.tasks) >= session.window + IMMEDIATE_TASKS_MAX:
+            # Immediate commands bypass the CmdSN window; this bounds how many a session holds.
+            task = Task(self, itt, lun, w[5], -1, edtl, immediate)
+            session.tasks[itt] = task
+            self._respond_status(task, ScsiStatus.TASK_SET_FULL, b"")
+            return
         task = Task(self, itt, lun, w[5], w[8], edtl, immediate)
         session.tasks[itt] = task
         session.commands += 1
@@ -834,18 +1014,58 @@ class Connection:
                 self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
                 self._finish_task(task)
                 return
-            if dlen:
-                assert data is not None
-                task.parts.append((0, data))
-                task.received = dlen
             task.unsolicited_end = dlen if params.initial_r2t else min(params.first_burst_length, edtl)
             task.next_r2t_offset = task.unsolicited_end
+            if dlen:
+                assert data is not None
+                task.received = dlen
+                if self._must_wait(session, task):
+                    data = self._hold(session, data)
+                    task.held = dlen
+                    task.parts.append((0, data))
+                    self._defer(session, task)
+                    return
+                task.parts.append((0, data))
+                if data.obj is self._buf:
+                    self._lent_bytes += dlen
+        if self._must_wait(session, task):
+            self._defer(session, task)
+            return
+        self._launch(task)
+
+    def _must_wait(self, session: Session, task: Task) -> bool:
+        """Whether a new command waits: others already wait (order is kept), our peer is not
+        reading, or its data would not fit in the session's buffer budget."""
+        srb = task.srb
+        need = task.edtl if srb is not None and srb.data_transfer_length else 0
+        return bool(session.deferred) or self.output_paused or not session.fits(need)
+
+    def _defer(self, session: Session, task: Task) -> None:
+        task.deferred = True
+        session.deferred.append(task)
+
+    def _launch(self, task: Task) -> None:
+        """Give the task its data buffer and send it on its way (R2Ts or execution)."""
+        session = self.session
+        assert session is not None
+        task.deferred = False
+        srb = task.srb
+        assert srb is not None
+        edtl = task.edtl if srb.data_transfer_length else 0
+        if edtl:
+            task.reserved = edtl
+            session.reserved += edtl
+        if task.held:
+            # Its copied unsolicited data now counts as part of the reservation.
+            session.held -= task.held
+            task.held = 0
+        if task.write:
             if task.received >= edtl:
                 self._submit(task)
             else:
                 self._send_r2ts(task)
             return
-        if read and edtl:
+        if edtl and srb.data_direction == DataDirection.IN:
             buf = bytearray(edtl)
             task.read_buf = buf
             srb.sg_list = [memoryview(buf)]
@@ -963,8 +1183,11 @@ class Connection:
 
     def _respond_check(self, task: Task, sense: bytes) -> None:
         """Answer a task with CHECK CONDITION without sending it down (target-level failure)."""
+        self._respond_status(task, ScsiStatus.CHECK_CONDITION, sense)
+
+    def _respond_status(self, task: Task, status: ScsiStatus, sense: bytes) -> None:
         srb = task.srb or Srb(queue_tag=task.itt)
-        srb.scsi_status = ScsiStatus.CHECK_CONDITION
+        srb.scsi_status = status
         srb.sense = sense
         srb.residual = task.edtl
         srb.data_transfer_length = 0
@@ -991,6 +1214,12 @@ class Connection:
             del session.tasks[task.itt]
         task.parts = []
         task.read_buf = None
+        if task.reserved and self._out:
+            # Its data is in our output: the budget is freed when the adapter takes it.
+            self._unsent += task.reserved
+            task.reserved = 0
+        elif task.reserved or task.held:
+            session.release(task)
 
     # ----------------------------------------------------------------- write data
 
@@ -1063,12 +1292,20 @@ class Connection:
             # sense once its data is in, and the connection carries on.
             task.data_fault = _SENSE_DATA_PHASE
         if data is not None and length:
+            if task.deferred:
+                session = self.session
+                assert session is not None
+                data = self._hold(session, data)
+                task.held += length
+            elif data.obj is self._buf:
+                self._lent_bytes += length
             task.parts.append((offset, data))
         task.received += length
         if task.received >= task.edtl:
             if self._write_data_complete(task):
                 task.r2t_outstanding.clear()
-                self._submit(task)
+                if not task.deferred:
+                    self._submit(task)
             else:
                 self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
                 self._abort_local(self.session, task)  # type: ignore[arg-type]
@@ -1104,6 +1341,9 @@ class Connection:
             session.active -= 1
             session.update_max_cmdsn()
         task.parts = []
+        task.deferred = False
+        if task.reserved or task.held or session.deferred:
+            session.release(task)
 
     def _on_tmf(self, w: tuple[int, ...], bhs: memoryview, immediate: bool) -> None:
         session = self.session
@@ -1132,10 +1372,14 @@ class Connection:
                 # Not here: if its CmdSN is still in our window the command may yet come; count it
                 # as received (and drop it) so it never runs.
                 if task is None and ref_cmdsn in session.pending:
-                    del session.pending[ref_cmdsn]
+                    entry = session.pending[ref_cmdsn]
+                    if entry is not None and entry[2] is not None:
+                        session.held -= len(entry[2])
+                    session.pending[ref_cmdsn] = None
                     respond(P.TmfResponse.FUNCTION_COMPLETE)
                 elif task is None and P.serial_le(session.exp_cmdsn, ref_cmdsn) and \
                         P.serial_lt(ref_cmdsn, w[8]):
+                    session.pending[ref_cmdsn] = None
                     respond(P.TmfResponse.FUNCTION_COMPLETE)
                 else:
                     respond(P.TmfResponse.TASK_DOES_NOT_EXIST)
@@ -1290,6 +1534,8 @@ class Connection:
         self._text_pending = b""
         self._text_ttt = ALL_ONES
         if data is not None:
+            if len(self._text_in) + len(data) > TEXT_REQUEST_MAX:
+                raise ProtocolViolation(f"text request continues beyond {TEXT_REQUEST_MAX} bytes")
             self._text_in += data
         if flags & P.TEXT_CONTINUE:
             self._text_response(itt, b"", final=False, ttt=ALL_ONES)

@@ -83,6 +83,9 @@ class PortalSettings:
     max_window: int = 1024
     # Send an Asynchronous Message (SCSI async event) when a target's LUNs change.
     async_events: bool = True
+    # Memory a session's commands may hold for their data (read buffers, write data, receive
+    # buffers their payloads keep alive); commands beyond it wait, unexecuted, in order.
+    session_buffer_bytes: int = 64 * 1024 * 1024
     # Sessions a target node accepts at once (0: no limit).
     max_sessions_per_target: int = 256
     # CHAP for discovery sessions (None: discovery is open).

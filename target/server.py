@@ -76,6 +76,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return
         if conn.has_output():
             transport.writelines(conn.data_to_send())
+            conn.output_written()
         if conn.closing:
             transport.close()  # closes after the buffered output is written
 
@@ -89,11 +90,16 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self._tick = self._loop.call_later(TICK_SECONDS, self._on_tick)
 
     def pause_writing(self) -> None:
-        # The peer is not reading: stop taking new commands until our output drains.
+        # The peer is not reading: take no new PDUs and start no held commands until our output
+        # drains (commands already running still finish into the transport's buffer).
+        if self.conn is not None:
+            self.conn.pause_output()
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_output()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 

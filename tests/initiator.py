@@ -87,8 +87,17 @@ class TestInitiator:
         return self.collect()
 
     def collect(self) -> list[Pdu]:
-        for piece in self.conn.data_to_send():
-            self._pending += bytes(piece)
+        conn = self.conn
+        while True:
+            for piece in conn.data_to_send():
+                self._pending += bytes(piece)
+            # Like the asyncio adapter: output handed over, held commands may start (and answer).
+            written = getattr(conn, "output_written", None)
+            if written is None:
+                break
+            written()
+            if not conn.has_output():
+                break
         out: list[Pdu] = []
         while len(self._pending) >= 48:
             hdr_len = 48 + (4 if self.hdigest else 0)

@@ -56,6 +56,19 @@ discover() {
     iscsiadm -m discovery -t st -p "$PORTAL" | tee "$OUT/discovery.txt"
 }
 
+# SendTargets discovery through a discovery record, whose settings (CHAP) apply to it.
+disc_set() {
+    iscsiadm -m discoverydb -t st -p "$PORTAL" -o update -n "$1" -v "$2"
+}
+
+# (Create the record first: iscsiadm -m discoverydb -t st -p "$PORTAL" -o new.)
+discover_db() {
+    iscsiadm -m discoverydb -t st -p "$PORTAL" --discover >"$OUT/discovery.txt"
+    status=$?
+    cat "$OUT/discovery.txt"
+    return $status
+}
+
 node_set() {
     iscsiadm -m node -T "$TARGET" -p "$PORTAL" -o update -n "$1" -v "$2"
 }

@@ -339,3 +339,52 @@ logout
     assert f"chap='{chosen} mutual'" in log, log
     assert "CHAP name or response does not match" in log, log
     assert initiator_secret not in log and target_secret not in log
+
+
+def test_mutual_chap_for_discovery(guest: GuestHarness) -> None:
+    """Discovery behind mutual CHAP (emuhba serve --discovery-chap/--discovery-chap-mutual):
+    open-iscsi's SendTargets with a wrong password finds nothing, with the right one (and the
+    target proving itself) finds the target, whose own sessions need no CHAP; a verified fio
+    job runs on the LUN found. The log names the algorithm (MD5: open-iscsi 2.1.8 has no
+    chap_algs setting for discovery records) and holds no secret."""
+    secrets_dir = guest.workdir / "disco-secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    initiator_secret, target_secret = "guest-disco-secret-26", "array-disco-secret-26"
+    for name, value in (("initiator", initiator_secret), ("target", target_secret)):
+        path = secrets_dir / name
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+    target = guest.target(file_size=None, extra_args=[
+        "--discovery-chap", f"disco-user:{secrets_dir / 'initiator'}",
+        "--discovery-chap-mutual", f"array:{secrets_dir / 'target'}"])
+    size = 4 * MIB
+    vm = guest.vm
+    env = guest.env(target) | {"CHAP_SECRET": initiator_secret, "CHAP_SECRET_IN": target_secret}
+    vm.start(f"""
+iscsi_start
+iscsiadm -m discoverydb -t st -p "$PORTAL" -o new
+disc_set discovery.sendtargets.auth.authmethod CHAP
+disc_set discovery.sendtargets.auth.username disco-user
+disc_set discovery.sendtargets.auth.password wrong-secret-000000
+if discover_db; then echo "discovered with a wrong secret" >&2; exit 1; fi
+disc_set discovery.sendtargets.auth.password "$CHAP_SECRET"
+disc_set discovery.sendtargets.auth.username_in array
+disc_set discovery.sendtargets.auth.password_in "$CHAP_SECRET_IN"
+discover_db
+grep -q "$TARGET" "$OUT/discovery.txt"
+login
+mark logged-in
+ram=$(lun_dev 0)
+fio_run disco-randwrite --filename="$ram" --rw=randwrite --bs=4k --size={size} \
+    {FIO_COMMON} --verify=crc32c --do_verify=1
+logout
+""", env)
+    vm.wait_for_mark("logged-in", VM_TIMEOUT_S)
+    result = vm.wait(VM_TIMEOUT_S)
+    assert result.status == 0, result.describe()
+    check_write_verify(vm, "disco-randwrite", size)
+    log = str(target.server.log_text())
+    assert any("login complete" in line and "target=(discovery)" in line
+               and "chap='MD5 mutual'" in line for line in log.splitlines()), log
+    assert "CHAP name or response does not match" in log, log
+    assert initiator_secret not in log and target_secret not in log

@@ -32,8 +32,13 @@ QUIET_S = 0.05
 class SocketLink:
     """What TestInitiator expects of a connection (receive_data / data_to_send), over TCP."""
 
-    def __init__(self, host: str, port: int, wait_s: float = 1.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=5)
+    def __init__(self, host: str, port: int, wait_s: float = 1.0, rcvbuf: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        if rcvbuf:
+            # Before connecting, so the advertised TCP window stays this small.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect((host, port))
         self.closed = False
         self.wait_s = wait_s  # how long a read waits for the first byte
         self.quiet_s = QUIET_S  # and for more once bytes flow
@@ -276,3 +281,90 @@ def test_the_server_still_serves_new_logins(iscsi_target: RunningTarget,
     _, replies = ini.command(inquiry(), read=96)
     assert scsi_status(replies)[0] == 0
     assert struct.unpack_from(">B", replies[0].data)[0] == 0  # direct-access device
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def count_responses(sock: socket.socket, expected: int, timeout_s: float) -> dict[int, int]:
+    """Read the stream, dropping data, until ``expected`` commands have their status:
+    ITT -> SCSI status (status on a SCSI Response or on the last Data-In)."""
+    statuses: dict[int, int] = {}
+    pending = bytearray()
+    skip = 0
+    deadline = time.monotonic() + timeout_s
+    sock.settimeout(1.0)
+    while len(statuses) < expected and time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(1 << 20)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        if skip:
+            n = min(skip, len(view))
+            skip -= n
+            view = view[n:]
+        pending += view
+        while len(pending) >= P.BHS_LEN:
+            opcode = pending[0] & 0x3F
+            flags = pending[1]
+            dsl = int.from_bytes(pending[5:8], "big")
+            itt = int.from_bytes(pending[16:20], "big")
+            if opcode == P.Opcode.SCSI_RESPONSE or (opcode == P.Opcode.DATA_IN and flags & 1):
+                assert itt not in statuses, f"task {itt:#x} answered twice"
+                statuses[itt] = pending[3]
+            whole = P.BHS_LEN + dsl + (-dsl & 3)
+            if len(pending) >= whole:
+                del pending[:whole]
+            else:
+                skip = whole - len(pending)
+                pending.clear()
+    return statuses
+
+
+def test_a_peer_that_never_reads_cannot_make_the_target_hold_its_reads(
+        iscsi_target: RunningTarget, bystander: DataVerifier) -> None:
+    """Large READs filling the whole CmdSN window, their answers never read: the target holds
+    at most its per-session buffer budget (64 MiB by default) of read data plus what already
+    sits in the socket, not window x transfer length; once the peer reads, every command is
+    answered exactly once."""
+    pid = iscsi_target.server.proc.pid
+    link = SocketLink(iscsi_target.host, iscsi_target.port, rcvbuf=64 << 10)
+    ini = TestInitiator(conn=cast(Any, link), name="iqn.2026-11.io.emuhba:hostile-reader",
+                        isid=b"\x80" + os.urandom(5))
+    ini.login(iscsi_target.iqn)
+    lun = iscsi_target.disk("ram").lun
+    _, replies = ini.command(bytes(6), lun=lun)  # TEST UNIT READY takes the new nexus's UA
+    _, replies = ini.command(bytes(6), lun=lun)
+    assert scsi_status(replies)[0] == 0
+    reply = next(p for p in replies if p.opcode == P.Opcode.SCSI_RESPONSE)
+    window = (reply.w(32) - ini.cmdsn + 1) & 0xFFFFFFFF
+    assert window >= 16
+    bs = iscsi_target.block_length
+    size = 8 << 20  # the LU's maximum transfer length
+    burst = bytearray()
+    for i in range(window):
+        header = bhs(P.Opcode.SCSI_COMMAND, 0x80 | 0x40 | 1, 0, 0, 0, P.encode_lun(lun),
+                     0x100 + i, size, ini.cmdsn + i, ini.exp_statsn)
+        header[32:42] = struct.pack(">BBIBHB", 0x28, 0, 0, 0, size // bs, 0)
+        burst += header
+    before = rss_kib(pid)
+    link.sock.sendall(burst)
+    peak = before
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_kib(pid))
+        time.sleep(0.05)
+    grown_mib = (peak - before) / 1024
+    asked_mib = window * size >> 20
+    print(f"\nnon-reading peer: {window} READs of {size >> 20} MiB ({asked_mib} MiB) unread, "
+          f"target RSS grew {grown_mib:.0f} MiB")
+    # The budget (64 MiB) of started reads, plus at most as much already in the transport.
+    assert grown_mib < 128, f"target grew {grown_mib:.0f} MiB for {asked_mib} MiB of unread reads"
+    statuses = count_responses(link.sock, window, timeout_s=120)
+    assert len(statuses) == window and set(statuses.values()) == {0}
+    link.close()

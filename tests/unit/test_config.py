@@ -207,6 +207,16 @@ def test_serve_refuses_config_with_lun_flags_and_reports_bad_files(tmp_path: Pat
     assert done.returncode == 2 and "cannot read" in done.stderr
 
 
+def test_iscsi_limits() -> None:
+    config = parse_config(GOOD, "x.toml", base=Path("/base"))
+    assert (config.session_buffer_mib, config.max_sessions_per_target) == (64, 256)
+    config = parse_config(GOOD + "[iscsi]\nsession_buffer_mib = 16\nmax_sessions_per_target = 4\n",
+                          "x.toml", base=Path("/base"))
+    assert (config.session_buffer_mib, config.max_sessions_per_target) == (16, 4)
+    assert problems(GOOD + "[iscsi]\nsession_buffer_mib = 0\n") == [
+        "x.toml:31: iscsi.session_buffer_mib: must be 1 to 65536, not 0"]
+
+
 def test_fail_member_faults_name_a_real_array_and_slot() -> None:
     raid = GOOD.replace('kind = "disk"', 'kind = "raid"\narrays = [{ name = "a0", level = 1, '
                         'members = ["r0", "f0"] }]').replace(
@@ -281,11 +291,20 @@ def test_chap_on_the_command_line_reads_owner_only_secret_files(tmp_path: Path) 
     assert chap is not None and chap.initiator.user == "alice"
     assert chap.initiator.secret == b"initiator-secret-01"
     assert chap.target is not None and chap.target.secret == b"target-secret-0001"
-    assert config_from_args(build_parser().parse_args(["serve"])).targets[0].chap is None
+    plain = config_from_args(build_parser().parse_args(["serve"]))
+    assert plain.targets[0].chap is None and plain.discovery_chap is None
+    args = build_parser().parse_args(["serve", "--discovery-chap", f"disco:{mine}",
+                                      "--discovery-chap-mutual", f"array:{theirs}"])
+    config = config_from_args(args)
+    assert config.targets[0].chap is None and config.discovery_chap is not None
+    assert config.discovery_chap.initiator.user == "disco"
+    assert config.discovery_chap.target is not None
     for argv, expected in (
         (["--chap", f"alice:{open_file}"], "readable by others"),
         (["--chap", "alice"], "give USER:SECRET_FILE"),
         (["--chap-mutual", f"array:{theirs}"], "needs --chap too"),
+        (["--discovery-chap", f"d:{open_file}"], "--discovery-chap.secret_file: "),
+        (["--discovery-chap-mutual", f"array:{theirs}"], "needs --discovery-chap too"),
     ):
         with pytest.raises(ConfigError) as info:
             config_from_args(build_parser().parse_args(["serve", *argv]))

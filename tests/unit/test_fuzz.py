@@ -33,8 +33,9 @@ from target.keys import (
     encode_text,
     parse_text,
 )
-from tests.initiator import TestInitiator, bhs
-from tests.unit.test_connection import IQN, logged_in, make
+from target.portal import PortalSettings, TargetNode, TargetPortal
+from tests.initiator import Pdu, TestInitiator, bhs, read10, write10
+from tests.unit.test_connection import BLOCK, IQN, BlockBackend, logged_in, make
 
 EXAMPLES = int(os.environ.get("EMUHBA_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
@@ -137,6 +138,100 @@ def test_connection_survives_any_pdu_sequence_after_login(
         if ini.conn.closing:
             break
     assert ini.conn.close_reason != "internal error"
+
+
+OPS = st.one_of(
+    st.tuples(st.just("read"), st.integers(1, 48)),
+    st.tuples(st.just("write"), st.integers(1, 48), st.integers(0, 48)),
+    st.tuples(st.just("release"), st.integers(0, 3)),
+    st.tuples(st.just("collect")),
+    st.tuples(st.just("pause")),
+    st.tuples(st.just("resume")),
+    st.tuples(st.just("abort"), st.integers(0, 20)),
+)
+
+
+@FUZZ
+@given(st.lists(OPS, min_size=1, max_size=40), st.integers(512, 24 * 1024))
+def test_session_budget_holds_under_any_interleaving(ops: list[tuple[object, ...]],
+                                                     budget: int) -> None:
+    """Reads, writes, completions, a peer that stops and starts reading, ABORT TASK, in any order
+    against a small buffer budget: the budget is never exceeded (except by one command alone),
+    every command is answered exactly once unless aborted, and everything is given back."""
+    backend = BlockBackend(blocks=4096, deferred=True)
+    portal = TargetPortal([TargetNode(IQN, backend)], PortalSettings(session_buffer_bytes=budget))
+    ini = TestInitiator(Connection(portal))
+    ini.login(IQN)
+    conn = ini.conn
+    session = conn.session
+    assert session is not None
+    issued: dict[int, int] = {}  # itt -> EDTL
+    aborted: set[int] = set()
+    answered: dict[int, int] = {}
+    largest = 0
+    writes: dict[int, bytes] = {}
+    r2t_done: set[tuple[int, int]] = set()
+
+    def take(pdus: list[Pdu]) -> None:
+        for pdu in pdus:
+            if pdu.opcode == P.Opcode.SCSI_RESPONSE or (pdu.opcode == P.Opcode.DATA_IN
+                                                         and pdu.flags & 1):
+                answered[pdu.itt] = answered.get(pdu.itt, 0) + 1
+            elif pdu.opcode == P.Opcode.R2T and (pdu.itt, pdu.w(20)) not in r2t_done:
+                r2t_done.add((pdu.itt, pdu.w(20)))
+                data = writes[pdu.itt]
+                off, length = pdu.w(40), pdu.w(44)
+                take(ini.data_out(pdu.itt, pdu.w(20), off, data[off:off + length], final=True))
+
+    for op in ops:
+        kind = op[0]
+        if kind == "read":
+            edtl = int(op[1]) * BLOCK  # type: ignore[call-overload]
+            itt, got = ini.command(read10(0, edtl // BLOCK), read=edtl)
+            issued[itt] = edtl
+            largest = max(largest, edtl)
+            take(got)
+        elif kind == "write":
+            data = os.urandom(int(op[1]) * BLOCK)  # type: ignore[call-overload]
+            imm = min(len(data), int(op[2]) * BLOCK, 65536)  # type: ignore[call-overload]
+            itt, got = ini.command(write10(100, len(data) // BLOCK), write=data,
+                                   immediate_data=imm)
+            writes[itt] = data
+            issued[itt] = len(data)
+            largest = max(largest, len(data))
+            take(got)
+            unsolicited = min(len(data), ini.first_burst)
+            if imm < unsolicited:
+                take(ini.data_out(itt, 0xFFFFFFFF, imm, data[imm:unsolicited], final=True))
+        elif kind == "release":
+            for _ in range(int(op[1]) + 1):  # type: ignore[call-overload]
+                backend.release()
+            take(ini.collect())
+        elif kind == "collect":
+            take(ini.collect())
+        elif kind == "pause":
+            conn.pause_output()
+        elif kind == "resume":
+            conn.resume_output()
+            take(ini.collect())
+        elif kind == "abort":
+            open_ = [i for i in issued if i not in aborted and i not in answered]
+            if open_:
+                victim = open_[int(op[1]) % len(open_)]  # type: ignore[call-overload]
+                take(ini.tmf(P.TmfFunction.ABORT_TASK, rtt=victim, ref_cmdsn=0))
+                aborted.add(victim)
+        assert not conn.closing, conn.close_reason
+        assert 0 <= session.reserved <= max(budget, largest)
+        assert session.held >= 0 and session.pinned >= 0
+    conn.resume_output()
+    for _ in range(4 * len(issued) + 4):
+        backend.release()
+        take(ini.collect())
+    for itt in issued:
+        # An aborted command may have answered before its abort arrived, never twice.
+        assert answered.get(itt, 0) == 1 or (itt in aborted and itt not in answered), itt
+    assert not session.tasks and not session.deferred
+    assert session.reserved == 0 and session.held == 0
 
 
 def _unit() -> LogicalUnit:
