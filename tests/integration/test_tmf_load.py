@@ -107,6 +107,13 @@ class LoadedSession:
         self.ini = TestInitiator(conn=cast(Any, link), name=f"iqn.2026-11.io.emuhba:load{n}",
                                  isid=b"\x80" + os.urandom(5))
         self.ini.login(IQN)
+        # A new I_T nexus's first command reports the power-on unit attention. Take it now, so
+        # the only one counted later is the reset's (under 150 ms of latency a loaded command
+        # could otherwise bring it back before or after the reset, depending on timing).
+        for lun in (0, 1):
+            _, replies = self.ini.command(bytes(6), lun=lun)  # TEST UNIT READY
+            _, replies = self.ini.command(bytes(6), lun=lun)
+            assert any(p.opcode == P.Opcode.SCSI_RESPONSE and p.b3 == 0 for p in replies), replies
         link.poll_only()
         self.link = link
         self.responses: Counter[int] = Counter()
