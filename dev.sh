@@ -3,8 +3,9 @@
 # ./dev.sh test [pytest options...]          lint, type-check and run every test
 #
 # Both create .venv on first use (and reinstall into it only when pyproject.toml changes).
-# `test` needs libiscsi-bin (the initiator tools the integration tests drive), tgt, and for the
-# guest and container tests qemu-system-x86, debootstrap, docker.io and docker-compose; as root
+# `test` needs libiscsi-bin (the initiator tools the integration tests drive), tgt, qemu-utils and
+# qemu-block-extra (qemu-img bench over iscsi:// for the write benchmark), and for the guest and
+# container tests qemu-system-x86, debootstrap, docker.io and docker-compose; as root
 # it installs them, otherwise it says what to install and the tests that need them skip, except
 # with CI=true, where anything missing is a failure.
 set -euo pipefail
@@ -14,8 +15,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")" && pwd)
 VENV="$ROOT/.venv"
 STAMP="$VENV/.emuhba-installed"
-TEST_PACKAGES=(libiscsi-bin tgt qemu-system-x86 debootstrap debian-archive-keyring docker.io
-    docker-compose)
+TEST_PACKAGES=(libiscsi-bin tgt qemu-system-x86 qemu-utils qemu-block-extra debootstrap
+    debian-archive-keyring docker.io docker-compose)
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
 is_root() { [ "$(id -u)" -eq 0 ]; }
@@ -80,7 +81,7 @@ ensure_venv() {
 missing_tools() {
     local tool
     for tool in iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf iscsi-test-cu tgtd tgtadm \
-        qemu-system-x86_64 debootstrap dockerd docker-compose; do
+        qemu-system-x86_64 qemu-img debootstrap dockerd docker-compose; do
         command -v "$tool" >/dev/null 2>&1 || printf '%s ' "$tool"
     done
 }
@@ -113,7 +114,7 @@ run_tests() {
     "$VENV/bin/ruff" check . || status=1
     say "mypy"
     "$VENV/bin/mypy" || status=1
-    "$VENV/bin/mypy" --strict bench/bench_vs_tgtd.py bench/soak.py tests/conftest.py tests/integration \
+    "$VENV/bin/mypy" --strict bench/soak.py tests/conftest.py tests/integration \
         tests/unit/test_bench_smoke.py tests/guest tests/containers || status=1
     say "pytest"
     # Unit and libiscsi tests first (minutes), then open-iscsi + fio in a QEMU guest and the

@@ -770,7 +770,8 @@ def add_bench_parser(
     bench = subparsers.add_parser(
         "bench", help="benchmarks of the emulated HBA",
         description="Benchmarks of the emulated HBA. 'bench port' compares the Storport and "
-                    "SCSIport port models on a virtual clock.")
+                    "SCSIport port models on a virtual clock; 'bench target' measures emuhba "
+                    "against tgtd over iSCSI.")
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     sub.required = True
     defaults = CpuCosts()
@@ -856,6 +857,16 @@ def add_bench_parser(
                       choices=("debug", "info", "warning", "error", "critical"),
                       help="least severe level logged")
     port.set_defaults(bench_main=run_bench_port)
+    from emuhba import bench_target
+
+    target = sub.add_parser(
+        "target", help="emuhba next to tgtd over iSCSI on this machine (needs root)",
+        description="Start emuhba and tgtd (RAM LUN each; tgtd's in /dev/shm), run the same "
+                    "cases against both, alternating, for several rounds, and print medians "
+                    "with min-max, the emuhba/tgtd ratio, CPU seconds per 1,000 I/Os and peak "
+                    "RSS. Reads: iscsi-perf; writes: qemu-img bench over iscsi://.")
+    bench_target.add_arguments(target)
+    target.set_defaults(bench_main=bench_target.run)
     return bench
 
 

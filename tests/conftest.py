@@ -10,10 +10,9 @@ it fails, so a machine without libiscsi-bin cannot pass for a green run.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import shutil
-import sys
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,17 +36,8 @@ PACKAGE_OF = {tool: "libiscsi-bin" for tool in LIBISCSI_TOOLS} | {"tgtd": "tgt",
 
 
 def load_bench() -> ModuleType:
-    """bench/bench_vs_tgtd.py as a module: it owns the target process helpers."""
-    name = "emuhba_bench_vs_tgtd"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = REPO / "bench" / "bench_vs_tgtd.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """emuhba.bench_target: it owns the target process helpers (EmuhbaServer, TgtdServer, ...)."""
+    return importlib.import_module("emuhba.bench_target")
 
 
 def missing_requirement(message: str) -> None:

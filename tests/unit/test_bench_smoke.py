@@ -1,6 +1,9 @@
-"""The parsing and formatting in bench/bench_vs_tgtd.py, on captured tool output."""
+"""The parsing, probing and formatting in emuhba.bench_target, on captured tool output."""
 
 from __future__ import annotations
+
+import os
+import time
 
 import pytest
 
@@ -90,27 +93,51 @@ def test_iscsi_perf_command_counts_blocks() -> None:
         bench.iscsi_perf_command("u", bench.Workload("odd", 1000, 1, True), 1, 512)
 
 
-def test_table_has_a_row_per_workload_and_the_ratio() -> None:
-    row = bench.Row("4k-randread-qd32")
-    row.results["emuhba"] = bench.PerfResult(20000, 4096, 10.0)
-    row.results["tgtd"] = bench.PerfResult(10000, 4096, 10.0)
-    missing = bench.Row("256k-seqread-qd32")
-    table = bench.format_table([row, missing], ("emuhba", "tgtd"))
-    lines = table.splitlines()
-    assert lines[0].split() == [
-        "workload", "emuhba", "IOPS", "emuhba", "MiB/s", "tgtd", "IOPS", "tgtd", "MiB/s", "emuhba/tgtd",
-    ]  # fmt: skip
-    assert lines[2].split() == ["4k-randread-qd32", "20000", "78.1", "10000", "39.1", "2.00"]
-    assert lines[3].split() == ["256k-seqread-qd32", "-", "-", "-", "-", "-"]
+def test_table_gives_medians_ranges_costs_and_the_ratio() -> None:
+    case = bench.Case("4k-randread-qd32", 4096, 32)
+    result = bench.CaseResult(case)
+    result.samples["emuhba"] = [bench.Sample(20000, 10.0, 2.0, 50 * 1024),
+                                bench.Sample(22000, 10.0, 2.0, 60 * 1024),
+                                bench.Sample(18000, 10.0, 2.0, 40 * 1024)]
+    result.samples["tgtd"] = [bench.Sample(10000, 10.0, 1.0, 5 * 1024)]
+    missing = bench.CaseResult(bench.Case("256k-seqread-qd32", 256 * 1024, 32, random=False))
+    summary = result.summary("emuhba")
+    assert summary is not None
+    assert (summary["iops"], summary["iops_min"], summary["iops_max"]) == (20000, 18000, 22000)
+    # 6 CPU seconds over 600,000 I/Os: 0.01 s per 1,000.
+    assert summary["cpu_s_per_1k_io"] == pytest.approx(0.01)
+    assert summary["peak_rss_mib"] == 60 and result.ratio() == 2.0
+    lines = bench.format_results([result, missing]).splitlines()
+    assert lines[0].split()[0] == "case" and lines[0].split()[-1] == "emuhba/tgtd"
+    assert lines[2].split() == ["4k-randread-qd32", "20.0k", "(18.0k-22.0k)", "78", "0.010", "60",
+                                "10.0k", "(10.0k-10.0k)", "39", "0.010", "5", "2.00"]
+    assert lines[3].split() == ["256k-seqread-qd32"] + ["-"] * 9
+
+
+def test_cases_and_the_write_driver() -> None:
+    names = [c.name for c in bench.CASES]
+    assert len(names) == len(set(names))
+    assert {c.tool for c in bench.CASES} == {"iscsi-perf", "qemu-img"}
+    write = next(c for c in bench.CASES if c.name == "4k-randwrite-qd32")
+    cmd = bench.qemu_img_bench_command("iscsi://h:1/iqn/0", write, 5000)
+    assert cmd[:3] == ["qemu-img", "bench", "-f"] and "-w" in cmd
+    assert cmd[cmd.index("-c") + 1] == "5000" and cmd[cmd.index("-d") + 1] == "32"
+    step = int(cmd[cmd.index("-S") + 1])
+    assert step % 4096 == 0 and step // 4096 % 2 == 1 and step > 4096  # strided, block aligned
+
+
+def test_probe_measures_this_process() -> None:
+    with bench.Probe(os.getpid(), interval=0.01) as probe:
+        end = time.process_time() + 0.2
+        while time.process_time() < end:
+            pass
+    assert 0.1 < probe.cpu < 5 and probe.peak > 1000
 
 
 def test_portal_urls() -> None:
     portal = bench.Portal("127.0.0.1", 3260, "iqn.2026-11.io.emuhba:target0", 1)
     assert portal.url() == "iscsi://127.0.0.1:3260/iqn.2026-11.io.emuhba:target0/1"
     assert portal.url(0, "header_digest=crc32c").endswith("/0?header_digest=crc32c")
-    assert bench._url_portal(portal.url()) == portal
-    with pytest.raises(SystemExit):
-        bench._url_portal("iscsi://127.0.0.1/iqn/0")
 
 
 def test_free_port_and_wait_for_portal() -> None:

@@ -1,21 +1,28 @@
-#!/usr/bin/env python3
-"""Read throughput of emuhba next to tgtd, both measured with libiscsi's iscsi-perf.
+"""`emuhba bench target`: emuhba next to tgtd (the C user-space target in Debian's `tgt`), on the
+same machine, same clients, same run.
 
-Both targets run during the whole benchmark, each on its own loopback port; the workloads run one
-at a time, alternating between the targets, so they never compete for the two cores of a CI box.
-tgtd serves a file of the same size in /dev/shm, which is the closest thing it has to a RAM LUN.
+Both targets run for the whole benchmark, each on its own loopback port. The cases run one at a
+time, alternating between the targets (which goes first flips every round), for several rounds;
+each figure is the median over the rounds with its min-max. Reads are driven by libiscsi's
+iscsi-perf, writes by `qemu-img bench -w` over `iscsi://` (qemu's libiscsi block driver). While a
+case runs, each target's CPU time (utime + stime from /proc) and resident set are sampled, so the
+table also gives CPU seconds per 1,000 I/Os and the peak RSS.
 
-iscsi-perf (libiscsi 1.19) only issues READ(16), so there are no write workloads.
+tgtd has no RAM store: its LUNs are files in /dev/shm, the closest thing (emuhba's file-LUN case
+also uses a /dev/shm file, so both sides then do the same). libiscsi implements header digests
+but not data digests, so the digest case measures CRC32C header digests (both targets require
+them).
 
-The process helpers at the top (`EmuhbaServer`, `TgtdServer`, `run_iscsi_perf`, ...) are also used
-by the integration tests (tests/conftest.py loads this file), so the harness the tests validate
-is the one the benchmark runs.
+The process helpers (`EmuhbaServer`, `TgtdServer`, `run_iscsi_perf`, ...) are also used by the
+integration tests (tests/conftest.py imports this module), so the harness the tests validate is
+the one the benchmark runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import random
@@ -24,9 +31,11 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -492,51 +501,292 @@ def run_iscsi_perf(
     return PerfResult(parse_iscsi_perf(text), workload.transfer_bytes, time.monotonic() - started)
 
 
+# ----------------------------------------------------------------------------- the cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: who drives it, what it asks, against which LUN."""
+
+    name: str
+    transfer_bytes: int
+    queue_depth: int
+    random: bool = True
+    write: bool = False
+    sessions: int = 1
+    digest: bool = False
+    lun: str = "ram"  # "ram" or "file"
+
+    @property
+    def tool(self) -> str:
+        return "qemu-img" if self.write else "iscsi-perf"
+
+
+CASES = (
+    Case("4k-randread-qd1", 4096, 1),
+    Case("4k-randread-qd32", 4096, 32),
+    Case("4k-randread-qd128", 4096, 128),
+    Case("64k-seqread-qd32", 64 * 1024, 32, random=False),
+    Case("256k-seqread-qd32", 256 * 1024, 32, random=False),
+    Case("4k-randwrite-qd32", 4096, 32, write=True),
+    Case("256k-seqwrite-qd32", 256 * 1024, 32, random=False, write=True),
+    Case("4k-randread-qd32-crc32c", 4096, 32, digest=True),
+    Case("4k-randread-16x-qd8", 4096, 8, sessions=16),
+    Case("4k-randread-qd32-file", 4096, 32, lun="file"),
+)
+TARGET_NAMES = ("emuhba", "tgtd")
+
+
 @dataclass
-class Row:
-    workload: str
-    results: dict[str, PerfResult] = field(default_factory=dict)
+class Sample:
+    """One run of one case on one target."""
 
-    def ratio(self, numerator: str, denominator: str) -> float | None:
-        top, bottom = self.results.get(numerator), self.results.get(denominator)
-        if top is None or bottom is None or bottom.iops == 0:
+    iops: float
+    seconds: float
+    cpu_seconds: float
+    peak_rss_kib: int
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+    def median_iops(self, name: str) -> float | None:
+        runs = self.samples.get(name)
+        return statistics.median(s.iops for s in runs) if runs else None
+
+    def ratio(self) -> float | None:
+        top, bottom = self.median_iops("emuhba"), self.median_iops("tgtd")
+        if top is None or not bottom:
             return None
-        return top.iops / bottom.iops
+        return top / bottom
+
+    def summary(self, name: str) -> dict[str, float] | None:
+        runs = self.samples.get(name)
+        if not runs:
+            return None
+        iops = [s.iops for s in runs]
+        ios = sum(s.iops * s.seconds for s in runs)
+        median = statistics.median(iops)
+        return {
+            "iops": round(median, 1),
+            "iops_min": round(min(iops), 1),
+            "iops_max": round(max(iops), 1),
+            "mib_per_s": round(median * self.case.transfer_bytes / (1 << 20), 1),
+            "cpu_s_per_1k_io": round(1000 * sum(s.cpu_seconds for s in runs) / ios, 4)
+            if ios else 0.0,
+            "peak_rss_mib": round(max(s.peak_rss_kib for s in runs) / 1024, 1),
+        }
 
 
-def format_table(rows: Sequence[Row], names: Sequence[str]) -> str:
-    header = ["workload"]
-    for name in names:
-        header += [f"{name} IOPS", f"{name} MiB/s"]
-    header.append(f"{names[0]}/{names[1]}")
+# ----------------------------------------------------------------------------- process probes
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (its threads included), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name may hold spaces; the fields after it are fixed.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Probe:
+    """CPU time over a run and the peak RSS sampled during it, for one process."""
+
+    def __init__(self, pid: int | None, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._cpu0 = 0.0
+        self.cpu = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Probe:
+        if self.pid is not None:
+            self._cpu0 = cpu_seconds(self.pid)
+            self.peak = rss_kib(self.pid)
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        assert self.pid is not None
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, rss_kib(self.pid))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.pid is not None:
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, rss_kib(self.pid))
+                self.cpu = cpu_seconds(self.pid) - self._cpu0
+
+
+# ----------------------------------------------------------------------------- the drivers
+
+
+def qemu_img_bench_command(url: str, case: Case, count: int) -> list[str]:
+    """`qemu-img bench -w` over iscsi://. It has no random mode: the "random" write case strides
+    by a large odd number of blocks, so consecutive writes land far apart across the LUN."""
+    step = case.transfer_bytes * (257 if case.random else 1)
+    return ["qemu-img", "bench", "-f", "raw", "-w", "-n", "-t", "none", "-c", str(count),
+            "-d", str(case.queue_depth), "-s", str(case.transfer_bytes), "-S", str(step), url]
+
+
+_QEMU_DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+def run_qemu_img_bench(url: str, case: Case, count: int) -> tuple[int, float]:
+    """(requests, seconds) of one `qemu-img bench` run."""
+    cmd = qemu_img_bench_command(url, case, count)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    match = _QEMU_DONE.search(done.stdout)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {done.returncode}:\n"
+                           f"{(done.stdout + done.stderr)[-2000:]}")
+    return count, float(match.group(1))
+
+
+def run_case(case: Case, url: str, seconds: int, block_length: int, counts: dict[str, int],
+             key: str) -> tuple[float, float]:
+    """Run a case once against ``url``: (IOPS, seconds). ``counts`` remembers, per target, how
+    many requests a qemu-img run needs to last about ``seconds``."""
+    if case.write:
+        count = counts.get(key)
+        if count is None:  # calibrate: a short run tells the rate
+            done, took = run_qemu_img_bench(url, case, 2000)
+            count = max(2000, int(done / max(took, 1e-3) * seconds))
+            counts[key] = count
+        done, took = run_qemu_img_bench(url, case, count)
+        return done / took, took
+    workload = Workload(case.name, case.transfer_bytes, case.queue_depth, case.random)
+    if case.sessions == 1:
+        result = run_iscsi_perf(url, workload, seconds, block_length)
+        return float(result.iops), result.seconds
+    started = time.monotonic()
+    procs = [subprocess.Popen(
+        iscsi_perf_command(url, workload, seconds, block_length, f"{BENCH_INITIATOR}-{n}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for n in range(case.sessions)]
+    total = 0
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=seconds + 60)
+            text = out.decode(errors="replace")
+            if proc.returncode != 0:
+                raise RuntimeError(f"iscsi-perf exited {proc.returncode}:\n{text[-2000:]}")
+            total += parse_iscsi_perf(text)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return float(total), time.monotonic() - started
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt_iops(value: float) -> str:
+    return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
+
+
+def format_results(results: Sequence[CaseResult]) -> str:
+    """The table: per case and target the median IOPS (min-max), MiB/s, CPU seconds per 1,000
+    I/Os, peak RSS; then the emuhba/tgtd ratio of the medians."""
+    header = ["case"]
+    for name in TARGET_NAMES:
+        header += [f"{name} IOPS (min-max)", "MiB/s", "CPU s/1k", "RSS MiB"]
+    header.append("emuhba/tgtd")
     lines = [header]
-    for row in rows:
-        cells = [row.workload]
-        for name in names:
-            result = row.results.get(name)
-            cells += ["-", "-"] if result is None else [f"{result.iops}", f"{result.mib_per_s:.1f}"]
-        ratio = row.ratio(names[0], names[1])
+    for result in results:
+        cells = [result.case.name]
+        for name in TARGET_NAMES:
+            summary = result.summary(name)
+            if summary is None:
+                cells += ["-", "-", "-", "-"]
+                continue
+            cells += [f"{_fmt_iops(summary['iops'])} ({_fmt_iops(summary['iops_min'])}-"
+                      f"{_fmt_iops(summary['iops_max'])})", f"{summary['mib_per_s']:.0f}",
+                      f"{summary['cpu_s_per_1k_io']:.3f}", f"{summary['peak_rss_mib']:.0f}"]
+        ratio = result.ratio()
         cells.append("-" if ratio is None else f"{ratio:.2f}")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = []
-    for n, line in enumerate(lines):
-        out.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(line, widths, strict=True))
-            )
-        )
+    for n, row in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def results_json(results: Sequence[CaseResult], args: argparse.Namespace, size: int) -> str:
+    payload = {
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "size": size,
+        "cpus": os.cpu_count(),
+        "cases": [
+            {
+                "case": asdict(result.case),
+                "tool": result.case.tool,
+                **{name: result.summary(name) for name in TARGET_NAMES},
+                "runs": {name: [asdict(s) for s in runs] for name, runs in result.samples.items()},
+                "ratio": None if result.ratio() is None else round(result.ratio() or 0.0, 3),
+            }
+            for result in results
+        ],
+    }
+    return json.dumps(payload, indent=2) + "\n"
+
+
+def plot_results(results: Sequence[CaseResult], path: Path) -> None:
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")
+        plt = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib, an optional extra: "
+                         "pip install 'emuhba[plot]'") from None
+    names = [r.case.name for r in results]
+    ratios = [r.ratio() or 0.0 for r in results]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
+    bars = ax.barh(names, ratios, color=["#2a7" if x >= 1 else "#c44" for x in ratios])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.bar_label(bars, labels=[f"{x:.2f}" for x in ratios], padding=3)
+    ax.invert_yaxis()
+    ax.set_xlabel("emuhba / tgtd (median IOPS, same machine, same run)")
+    ax.set_title("emuhba bench target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def _require_tools(names: Sequence[str]) -> None:
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
         raise SystemExit(
-            f"missing: {', '.join(missing)}; install with: apt-get install -y libiscsi-bin tgt"
+            f"missing: {', '.join(missing)}; install with: apt-get install -y libiscsi-bin tgt "
+            "qemu-utils qemu-block-extra"
         )
 
 
@@ -544,142 +794,150 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=int, default=10, help="run time of each case (10)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each case runs on each target; figures are medians (3)")
+    parser.add_argument("--size", default="1G", help="LUN size on both targets (1G)")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to serve on")
+    parser.add_argument("--case", action="append", choices=[c.name for c in CASES],
+                        help="run only these cases (repeatable; default all)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser.add_argument("--plot", type=Path, metavar="PNG",
+                        help="also draw the ratios (needs matplotlib: pip install -e '.[plot]')")
+    parser.add_argument("--emuhba-cmd", metavar="TEMPLATE",
+                        help="start this instead of `emuhba serve` on the left of the table; "
+                             "{python} {host} {port} {size} {file} {digest} are filled in "
+                             "(see bench/README.md)")
+    parser.add_argument("--log-dir", type=Path, help="keep the targets' logs here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="emuhba vs tgtd read throughput with iscsi-perf (run as root: tgtd needs it)"
-    )
-    parser.add_argument("--seconds", type=int, default=10, help="run time of each workload (10)")
-    parser.add_argument("--size", default="1G", help="LUN size for both targets (1G)")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to serve on")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    parser.add_argument(
-        "--workload",
-        action="append",
-        choices=[w.name for w in WORKLOADS],
-        help="run only these workloads (repeatable; default all)",
-    )
-    parser.add_argument(
-        "--emuhba-cmd",
-        metavar="TEMPLATE",
-        help="command that starts the target on the left of the table instead of `emuhba serve`; "
-        "{python} {host} {port} {size} are substituted (see bench/README.md)",
-    )
-    parser.add_argument(
-        "--emuhba-iqn", default=EMUHBA_IQN, help=f"target name it serves ({EMUHBA_IQN})"
-    )
-    parser.add_argument("--emuhba-lun", type=int, default=0, help="LUN to measure on it (0)")
-    parser.add_argument(
-        "--emuhba-url",
-        metavar="URL",
-        help="measure an already running target at this iscsi:// LUN URL instead of starting one",
-    )
-    parser.add_argument("--log-dir", type=Path, help="keep the targets' logs here")
+        prog="emuhba bench target",
+        description="emuhba next to tgtd on this machine (run as root: tgtd needs it)")
+    add_arguments(parser)
     return parser
 
 
-def _url_portal(url: str) -> Portal:
-    match = re.match(r"^iscsi://([^/:]+|\[[^\]]+\]):(\d+)/([^/]+)/(\d+)$", url)
-    if match is None:
-        raise SystemExit(f"--emuhba-url must look like iscsi://HOST:PORT/IQN/LUN, not {url!r}")
-    return Portal(match.group(1), int(match.group(2)), match.group(3), int(match.group(4)))
+@dataclass
+class TargetUnderTest:
+    name: str
+    portal: Portal
+    pid: int | None
+    luns: dict[str, int]  # "ram"/"file" -> LUN
+    block_length: int = 512
+
+    def url(self, case: Case) -> str:
+        return self.portal.url(self.luns[case.lun])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     if os.geteuid() != 0:
-        print(
-            "bench_vs_tgtd: tgtd needs root (it locks its management socket under /run/tgtd); "
-            "run this as root, e.g. sudo .venv/bin/python bench/bench_vs_tgtd.py",
-            file=sys.stderr,
-        )
+        print("emuhba bench target: tgtd needs root (it locks its management socket under "
+              "/run/tgtd); run this as root", file=sys.stderr)
         return 2
-    _require_tools(["iscsi-perf", "iscsi-readcapacity16", "tgtd", "tgtadm"])
-    workloads = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
-    # Both end the run through the same cleanup; SIGINT explicitly, because a shell starts
-    # background jobs with it ignored and Python keeps it that way.
+    cases = [c for c in CASES if not args.case or c.name in args.case]
+    tools = ["iscsi-perf", "iscsi-readcapacity16", "tgtd", "tgtadm"]
+    if any(c.write for c in cases):
+        tools.append("qemu-img")
+    _require_tools(tools)
+    if args.seconds < 1 or args.rounds < 1:
+        raise SystemExit("--seconds and --rounds must be at least 1")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    names = ("emuhba", "tgtd")
-    rows = [Row(w.name) for w in workloads]
+    results = [CaseResult(c) for c in cases]
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emuhba-bench-")))
         log_dir = args.log_dir or workdir
         log_dir.mkdir(parents=True, exist_ok=True)
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
         backing = Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="emuhba-bench-", dir=shm))
-        )
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="emuhba-bench-", dir=shm)))
         try:
-            portals = _start_targets(args, size, stack, log_dir, backing)
-            capacities = {name: wait_for_capacity(portal.url()) for name, portal in portals.items()}
-            for name, capacity in capacities.items():
-                print(
-                    f"{name}: {portals[name].url()} {capacity.size} bytes, {capacity.block_length} B blocks"
-                )
-            for workload, row in zip(workloads, rows, strict=True):
-                for name in names:
-                    print(f"running {workload.name} on {name} for {args.seconds} s ...", flush=True)
-                    row.results[name] = run_iscsi_perf(
-                        portals[name].url(), workload, args.seconds, capacities[name].block_length
-                    )
+            plain = _start_targets(args, size, stack, log_dir, backing, digest=False)
+            digest = (_start_targets(args, size, stack, log_dir, backing, digest=True)
+                      if any(c.digest for c in cases) else {})
+            for group in (plain, digest):
+                for target in group.values():
+                    capacity = wait_for_capacity(target.portal.url(target.luns["ram"]))
+                    target.block_length = capacity.block_length
+            for name, target in plain.items():
+                print(f"{name}: {target.portal.portal_url}/{target.portal.iqn} LUNs {target.luns}"
+                      f", {size} bytes each", flush=True)
+            counts: dict[str, int] = {}
+            for round_ in range(args.rounds):
+                order = TARGET_NAMES if round_ % 2 == 0 else TARGET_NAMES[::-1]
+                for result in results:
+                    case = result.case
+                    for name in order:
+                        target = (digest if case.digest else plain)[name]
+                        print(f"round {round_ + 1}/{args.rounds}: {case.name} on {name} ...",
+                              end=" ", flush=True)
+                        with Probe(target.pid) as probe:
+                            iops, took = run_case(case, target.url(case), args.seconds,
+                                                  target.block_length, counts,
+                                                  f"{name}/{case.name}")
+                        result.samples.setdefault(name, []).append(
+                            Sample(iops, took, probe.cpu, probe.peak))
+                        print(f"{_fmt_iops(iops)} IOPS", flush=True)
         except KeyboardInterrupt:
             print("\ninterrupted; stopping the targets", file=sys.stderr)
             return 130
         finally:
             if args.log_dir:
                 print(f"target logs are in {log_dir}", file=sys.stderr)
-
     print()
-    print(format_table(rows, names))
+    print(format_results(results))
     if args.json is not None:
-        payload = {
-            "seconds": args.seconds,
-            "size": size,
-            "tool": "iscsi-perf (READ16 only)",
-            "rows": [
-                {
-                    "workload": row.workload,
-                    **{
-                        name: {**asdict(res), "mib_per_s": round(res.mib_per_s, 2)}
-                        for name, res in row.results.items()
-                    },
-                    "ratio": row.ratio(*names),
-                }
-                for row in rows
-            ],
-        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        args.json.write_text(results_json(results, args, size))
         print(f"\nwrote {args.json}")
+    if args.plot is not None:
+        plot_results(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
-def _start_targets(
-    args: argparse.Namespace, size: int, stack: contextlib.ExitStack, log_dir: Path, backing: Path
-) -> dict[str, Portal]:
+def _start_targets(args: argparse.Namespace, size: int, stack: contextlib.ExitStack,
+                   log_dir: Path, backing: Path, *, digest: bool) -> dict[str, TargetUnderTest]:
+    """emuhba (LUN 0 RAM, LUN 1 a /dev/shm file) and tgtd (LUNs 1 and 2, /dev/shm files); with
+    ``digest`` both require CRC32C header digests."""
     host: str = args.host
-    portals: dict[str, Portal] = {}
-    if args.emuhba_url:
-        portals["emuhba"] = _url_portal(args.emuhba_url)
-    else:
-        port = free_tcp_port(host)
-        if args.emuhba_cmd:
-            text = args.emuhba_cmd.format(python=sys.executable, host=host, port=port, size=size)
-            command = shlex.split(text)
-        else:
-            command = emuhba_command(host, port, ["--ram-lun", str(size), "--log-level", "warning"])
-        stack.enter_context(EmuhbaServer(command, host, port, log_dir / "emuhba.log"))
-        portals["emuhba"] = Portal(host, port, args.emuhba_iqn, args.emuhba_lun)
-
-    image = backing / "tgtd-lun1.img"
-    with image.open("wb") as f:
-        f.truncate(size)
+    tag = "-crc32c" if digest else ""
+    files = []
+    for who in ("emuhba-file", "tgtd-ram", "tgtd-file"):
+        path = backing / f"{who}{tag}.img"
+        with path.open("wb") as f:
+            f.truncate(size)
+        files.append(path)
     port = free_tcp_port(host)
-    tgtd = stack.enter_context(TgtdServer(host, port, [image], log_dir / "tgtd.log"))
-    portals["tgtd"] = Portal(host, port, tgtd.iqn, 1)
-    return portals
+    policy = "required" if digest else "optional"
+    if args.emuhba_cmd:
+        command = shlex.split(args.emuhba_cmd.format(
+            python=sys.executable, host=host, port=port, size=size, file=files[0],
+            digest=policy))
+    else:
+        command = emuhba_command(host, port, ["--ram-lun", str(size), "--file-lun", str(files[0]),
+                                              "--header-digest", policy, "--no-control",
+                                              "--log-level", "warning"])
+    emuhba = stack.enter_context(EmuhbaServer(command, host, port, log_dir / f"emuhba{tag}.log"))
+    assert emuhba.proc is not None
+    tgtd_port = free_tcp_port(host)
+    tgtd = stack.enter_context(TgtdServer(host, tgtd_port, files[1:], log_dir / f"tgtd{tag}.log",
+                                          header_digest="CRC32C" if digest else "None,CRC32C"))
+    assert tgtd.proc is not None
+    return {
+        "emuhba": TargetUnderTest("emuhba", Portal(host, port, EMUHBA_IQN, 0), emuhba.proc.pid,
+                                  {"ram": 0, "file": 1}),
+        "tgtd": TargetUnderTest("tgtd", Portal(host, tgtd_port, tgtd.iqn, 1), tgtd.proc.pid,
+                                {"ram": 1, "file": 2}),
+    }
 
 
 if __name__ == "__main__":
