@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO
+from typing import IO, Self
 
 EMUHBA_IQN = "iqn.2026-11.io.emuhba:target0"
 TGTD_IQN = "iqn.2026-11.io.emuhba:tgtd-baseline"
@@ -119,7 +119,37 @@ class Portal:
         return f"iscsi://{self.host}:{self.port}"
 
 
-class EmuhbaServer:
+class _TargetProcess:
+    """What both target processes share: a log file, and start/stop as a context manager."""
+
+    log_path: Path
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 10.0) -> object:
+        raise NotImplementedError
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmuhbaServer(_TargetProcess):
     """`emuhba serve` (or any command given) as a child process with its output in a log file."""
 
     def __init__(
@@ -166,24 +196,6 @@ class EmuhbaServer:
             self._log = None
         return code
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> EmuhbaServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def emuhba_command(
     host: str, port: int, luns: Sequence[str], python: str = sys.executable
@@ -195,7 +207,7 @@ def emuhba_command(
 TGTD_SOCKET_DIR = Path("/run/tgtd") if Path("/run/tgtd").is_dir() else Path("/var/run/tgtd")
 
 
-class TgtdServer:
+class TgtdServer(_TargetProcess):
     """A private tgtd: its own portal and its own management port (-C), so a system tgtd or a
     second copy of this one is left alone. Needs root. LUN n+1 is backed by `backing[n]`; tgtd
     itself puts a controller at LUN 0."""
@@ -330,24 +342,6 @@ class TgtdServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> TgtdServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)
@@ -736,6 +730,10 @@ def format_results(results: Sequence[CaseResult]) -> str:
     return "\n".join(out)
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def results_json(results: Sequence[CaseResult], args: argparse.Namespace, size: int) -> str:
     payload = {
         "seconds": args.seconds,
@@ -748,7 +746,7 @@ def results_json(results: Sequence[CaseResult], args: argparse.Namespace, size: 
                 "tool": result.case.tool,
                 **{name: result.summary(name) for name in TARGET_NAMES},
                 "runs": {name: [asdict(s) for s in runs] for name, runs in result.samples.items()},
-                "ratio": None if result.ratio() is None else round(result.ratio() or 0.0, 3),
+                "ratio": _rounded(result.ratio()),
             }
             for result in results
         ],

@@ -144,6 +144,13 @@ class Task:
         # Sense to answer with once all data is in, when the data phase went wrong.
         self.data_fault: bytes | None = None
 
+    @property
+    def need(self) -> int:
+        """Bytes of the session's buffer budget this task takes once started: its EDTL when
+        it moves data."""
+        srb = self.srb
+        return self.edtl if srb is not None and srb.data_transfer_length else 0
+
 
 class Session:
     """Session-wide state: command numbering, the task set, negotiated parameters."""
@@ -250,9 +257,7 @@ class Session:
                     waiting.popleft()
                     conn._abort_local(self, task)
                     continue
-                srb = task.srb
-                need = task.edtl if srb is not None and srb.data_transfer_length else 0
-                if conn.output_paused or not self.fits(need):
+                if conn.output_paused or not self.fits(task.need):
                     return
                 waiting.popleft()
                 conn._launch(task)
@@ -1016,33 +1021,28 @@ class Connection:
                 return
             task.unsolicited_end = dlen if params.initial_r2t else min(params.first_burst_length, edtl)
             task.next_r2t_offset = task.unsolicited_end
-            if dlen:
-                assert data is not None
-                task.received = dlen
-                if self._must_wait(session, task):
-                    data = self._hold(session, data)
-                    task.held = dlen
-                    task.parts.append((0, data))
-                    self._defer(session, task)
-                    return
-                task.parts.append((0, data))
-                if data.obj is self._buf:
-                    self._lent_bytes += dlen
-        if self._must_wait(session, task):
-            self._defer(session, task)
-            return
-        self._launch(task)
+        # Wait when others already wait (order is kept), our peer is not reading, or the data
+        # would not fit in the session's buffer budget.
+        wait = bool(session.deferred) or self.output_paused or not session.fits(task.need)
+        if wait:
+            task.deferred = True
+            session.deferred.append(task)
+        if dlen and task.write:
+            assert data is not None
+            task.received = dlen
+            task.parts.append((0, self._keep(session, task, data)))
+        if not wait:
+            self._launch(task)
 
-    def _must_wait(self, session: Session, task: Task) -> bool:
-        """Whether a new command waits: others already wait (order is kept), our peer is not
-        reading, or its data would not fit in the session's buffer budget."""
-        srb = task.srb
-        need = task.edtl if srb is not None and srb.data_transfer_length else 0
-        return bool(session.deferred) or self.output_paused or not session.fits(need)
-
-    def _defer(self, session: Session, task: Task) -> None:
-        task.deferred = True
-        session.deferred.append(task)
+    def _keep(self, session: Session, task: Task, data: memoryview) -> memoryview:
+        """Write data a task holds until it runs: a waiting task keeps a counted copy (so it
+        does not pin the receive buffer); a started one borrows the view."""
+        if task.deferred:
+            task.held += len(data)
+            return self._hold(session, data)
+        if data.obj is self._buf:
+            self._lent_bytes += len(data)
+        return data
 
     def _launch(self, task: Task) -> None:
         """Give the task its data buffer and send it on its way (R2Ts or execution)."""
@@ -1051,7 +1051,7 @@ class Connection:
         task.deferred = False
         srb = task.srb
         assert srb is not None
-        edtl = task.edtl if srb.data_transfer_length else 0
+        edtl = task.need
         if edtl:
             task.reserved = edtl
             session.reserved += edtl
@@ -1292,14 +1292,9 @@ class Connection:
             # sense once its data is in, and the connection carries on.
             task.data_fault = _SENSE_DATA_PHASE
         if data is not None and length:
-            if task.deferred:
-                session = self.session
-                assert session is not None
-                data = self._hold(session, data)
-                task.held += length
-            elif data.obj is self._buf:
-                self._lent_bytes += length
-            task.parts.append((offset, data))
+            session = self.session
+            assert session is not None
+            task.parts.append((offset, self._keep(session, task, data)))
         task.received += length
         if task.received >= task.edtl:
             if self._write_data_complete(task):

@@ -12,6 +12,7 @@ size and small: these are functional tests, not benchmarks.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -293,6 +294,16 @@ logout
     assert len(logins) == 2, "\n".join(logins)
 
 
+def secret_files(directory: Path, initiator_secret: str, target_secret: str) -> tuple[Path, Path]:
+    """The initiator's and the target's CHAP secrets in owner-only files, as serve wants them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = (directory / "initiator", directory / "target")
+    for path, value in zip(paths, (initiator_secret, target_secret), strict=True):
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+    return paths
+
+
 @pytest.mark.parametrize(("offered", "chosen"), [("SHA256", "SHA-256"), ("SHA3-256", "SHA3-256"),
                                                ("SHA1", "SHA-1")])
 def test_mutual_chap(guest: GuestHarness, offered: str, chosen: str) -> None:
@@ -300,16 +311,10 @@ def test_mutual_chap(guest: GuestHarness, offered: str, chosen: str) -> None:
     algorithm and asking the target to authenticate itself too (mutual CHAP), then runs a
     verified fio job. A wrong password is refused first. The target's log names the algorithm
     and shows no secret."""
-    secrets_dir = guest.workdir / "secrets"
-    secrets_dir.mkdir(parents=True, exist_ok=True)
     initiator_secret, target_secret = "guest-chap-secret-2026", "array-chap-secret-2026"
-    for name, value in (("initiator", initiator_secret), ("target", target_secret)):
-        path = secrets_dir / name
-        path.write_text(value + "\n")
-        path.chmod(0o600)
+    files = secret_files(guest.workdir / "secrets", initiator_secret, target_secret)
     target = guest.target(file_size=None, extra_args=[
-        "--chap", f"guest-user:{secrets_dir / 'initiator'}",
-        "--chap-mutual", f"array:{secrets_dir / 'target'}"])
+        "--chap", f"guest-user:{files[0]}", "--chap-mutual", f"array:{files[1]}"])
     size = 8 * MIB
     vm = guest.vm
     env = guest.env(target) | {"CHAP_SECRET": initiator_secret, "CHAP_SECRET_IN": target_secret}
@@ -347,16 +352,11 @@ def test_mutual_chap_for_discovery(guest: GuestHarness) -> None:
     target proving itself) finds the target, whose own sessions need no CHAP; a verified fio
     job runs on the LUN found. The log names the algorithm (MD5: open-iscsi 2.1.8 has no
     chap_algs setting for discovery records) and holds no secret."""
-    secrets_dir = guest.workdir / "disco-secrets"
-    secrets_dir.mkdir(parents=True, exist_ok=True)
     initiator_secret, target_secret = "guest-disco-secret-26", "array-disco-secret-26"
-    for name, value in (("initiator", initiator_secret), ("target", target_secret)):
-        path = secrets_dir / name
-        path.write_text(value + "\n")
-        path.chmod(0o600)
+    files = secret_files(guest.workdir / "disco-secrets", initiator_secret, target_secret)
     target = guest.target(file_size=None, extra_args=[
-        "--discovery-chap", f"disco-user:{secrets_dir / 'initiator'}",
-        "--discovery-chap-mutual", f"array:{secrets_dir / 'target'}"])
+        "--discovery-chap", f"disco-user:{files[0]}",
+        "--discovery-chap-mutual", f"array:{files[1]}"])
     size = 4 * MIB
     vm = guest.vm
     env = guest.env(target) | {"CHAP_SECRET": initiator_secret, "CHAP_SECRET_IN": target_secret}
