@@ -115,6 +115,7 @@ class Srb:
     __slots__ = (
         "_port_state",
         "cdb",
+        "cdb_decoded",
         "cdb_flags",
         "completion",
         "data_direction",
@@ -172,6 +173,9 @@ class Srb:
         self.lba = 0
         self.transfer_blocks = 0
         self.cdb_flags = CdbFlags.NONE
+        # Set by decode_into once the fields above hold the decoded CDB: the port decodes
+        # every command, and a logical unit below it need not decode it again.
+        self.cdb_decoded = False
         # Outcome.
         self.srb_status = SrbStatus.PENDING
         self.scsi_status = ScsiStatus.GOOD

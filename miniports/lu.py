@@ -76,7 +76,7 @@ _U64 = struct.Struct(">Q").unpack_from
 
 _IN = DataDirection.IN
 _OUT = DataDirection.OUT
-_FUA = CdbFlags.FUA
+_FUA = int(CdbFlags.FUA)
 _GOOD = ScsiStatus.GOOD
 _SUCCESS = SrbStatus.SUCCESS
 _CHECK = ScsiStatus.CHECK_CONDITION
@@ -635,13 +635,13 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
     def _data_in(self, srb: Srb, payload: bytes, allocation_length: int) -> None:
         wanted = min(len(payload), allocation_length)
         edtl = srb.data_transfer_length
-        n = min(wanted, edtl) if srb.data_direction & _IN else 0
+        n = min(wanted, edtl) if srb.data_direction == _IN else 0
         moved = _scatter(payload, n, srb.sg_list) if n else 0
         self._good(srb, moved, wanted)
 
     def _data_out(self, srb: Srb, length: int) -> bytes:
         """Up to ``length`` bytes of the data-out buffer (less when the initiator sent less)."""
-        if not srb.data_direction & _OUT:
+        if srb.data_direction != _OUT:
             return b""
         return _gather(srb.sg_list, min(length, srb.data_transfer_length))
 
@@ -657,10 +657,11 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         ``transfers``: the block count is a data transfer, bounded by the Block Limits page's
         MAXIMUM TRANSFER LENGTH (not so for SYNCHRONIZE CACHE or a VERIFY without BYTCHK).
         """
-        error = decode_into(srb)
-        if error is not None:
-            self._fail(srb, error)
-            return False
+        if not srb.cdb_decoded:
+            error = decode_into(srb)
+            if error is not None:
+                self._fail(srb, error)
+                return False
         if protect_checked and cdb[1] & 0xE0:
             # No protection information on this unit: any xxPROTECT value but zero is invalid.
             self._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=7)
@@ -691,7 +692,7 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         edtl = srb.data_transfer_length
         n = wanted if wanted <= edtl else edtl
         moved = 0
-        if n and srb.data_direction & _IN:
+        if n and srb.data_direction == _IN:
             try:
                 moved = self._store.read_into(lba * bs, n, srb.sg_list)
             except OSError:
@@ -723,11 +724,11 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         moved = 0
         store = self._store
         try:
-            if n and srb.data_direction & _OUT:
+            if n and srb.data_direction == _OUT:
                 moved = store.write_from(lba * bs, n, srb.sg_list)
             # Write-through when the cache is off, when asked (FUA), and for WRITE AND VERIFY,
             # which verifies what is on the medium rather than in a cache.
-            if moved and (srb.cdb_flags & _FUA or verify or not self._wce):
+            if moved and (int(srb.cdb_flags) & _FUA or verify or not self._wce):
                 store.flush()
         except OSError:
             self._fail(srb, S.WRITE_ERROR, information=lba)

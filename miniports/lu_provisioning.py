@@ -110,7 +110,7 @@ PROVISIONING_STORE_OPCODES: frozenset[int] = frozenset(
 )
 
 _OUT = DataDirection.OUT
-_FUA = CdbFlags.FUA
+_FUA = int(CdbFlags.FUA)
 
 
 def _on_event_loop() -> bool:
@@ -304,12 +304,12 @@ class ProvisioningMixin:
             return
         bs = lu._block_size
         if ndob:
-            if srb.data_direction & _OUT and srb.data_transfer_length:
+            if srb.data_direction == _OUT and srb.data_transfer_length:
                 lu._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=1, bit_pointer=0)
                 return
             block = bytes(bs)
         else:
-            if srb.data_transfer_length != bs or not srb.data_direction & _OUT:
+            if srb.data_transfer_length != bs or srb.data_direction != _OUT:
                 # The Data-Out buffer holds exactly one logical block, no more, no less.
                 lu._fail(srb, S.INVALID_FIELD_IN_CDB, field_pointer=length_at)
                 return
@@ -389,7 +389,7 @@ class ProvisioningMixin:
             return
         bs = lu._block_size
         wanted = 2 * blocks * bs
-        sent = srb.data_transfer_length if srb.data_direction & _OUT else 0
+        sent = srb.data_transfer_length if srb.data_direction == _OUT else 0
         if sent != wanted:
             # The Data-Out buffer is the verify instance followed by the write instance; any
             # other size means the CDB's block count is not what the initiator meant.
@@ -449,7 +449,7 @@ class ProvisioningMixin:
                     int.from_bytes(medium, "big") | int.from_bytes(data[:size], "big")
                 ).to_bytes(size, "big")
                 try:
-                    self._write_blocks(lba, merged, bool(srb.cdb_flags & _FUA))
+                    self._write_blocks(lba, merged, bool(int(srb.cdb_flags) & _FUA))
                 except OSError:
                     lu._fail(srb, S.WRITE_ERROR, information=lba)
                     return

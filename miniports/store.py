@@ -10,6 +10,13 @@ RamStore creation measured on the development VM (1 GiB, Python 3.11):
 GiB then costs 0.7 s (private) against 5.6 s for a shared (shmem-backed) mapping, and
 transparent huge pages made random 4 KiB first writes 50x slower. Hence: private anonymous
 mmap, no MADV_HUGEPAGE.
+
+Reading a page never written costs a page fault that maps the shared zero page: 2-3 us per
+4 KiB page here, 13% of the whole per-command time at 4 KiB random reads, and most of a
+256 KiB read (64 faults). MADV_POPULATE_READ (Linux 5.14) maps the zero page into every page
+ahead of time: 0.16 s per GiB, no resident memory (the zero page is not counted), 2 MiB of
+page tables per GiB. Large stores are populated by a background thread so creation stays
+instant; a write still takes its copy-on-write fault, once.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import errno
 import mmap
 import os
 import stat
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -47,6 +55,11 @@ _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _libc.fallocate.restype = ctypes.c_int
 _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 _libc.mincore.restype = ctypes.c_int
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.restype = ctypes.c_int
+_MADV_POPULATE_READ = 22
+# Stores up to this size are populated at once; larger ones by a thread, in steps of the same.
+_POPULATE_STEP = 64 << 20
 
 
 def _check_geometry(block_size: int, num_blocks: int) -> None:
@@ -140,14 +153,38 @@ class RamStore(BlockStore):
         anchor = ctypes.c_char.from_buffer(self._map)
         self._address = ctypes.addressof(anchor)
         del anchor
+        self._closing = threading.Event()
+        self._populator: threading.Thread | None = None
+        size = block_size * num_blocks
+        if size <= _POPULATE_STEP:
+            self._populate(0, size)
+        else:
+            self._populator = threading.Thread(target=self._populate, args=(0, size),
+                                               name="emuhba-ram-populate", daemon=True)
+            self._populator.start()
+
+    def _populate(self, start: int, end: int) -> None:
+        """Map the zero page into [start, end) so first reads do not fault (best effort: an
+        older kernel without MADV_POPULATE_READ just faults as before). ctypes releases the
+        GIL around madvise, so a background populate does not stall the loop."""
+        pos = start
+        while pos < end and not self._closing.is_set():
+            n = min(_POPULATE_STEP, end - pos)
+            if _libc.madvise(self._address + pos, n, _MADV_POPULATE_READ) != 0:
+                return
+            pos += n
 
     @classmethod
     def of_size(cls, size_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE) -> RamStore:
         return cls(size_bytes // block_size, block_size)
 
     def read_into(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
-        self._check_range(offset, length)
+        if offset < 0 or length < 0 or offset + length > self.block_size * self.num_blocks:
+            self._check_range(offset, length)
         view = self._view
+        if len(bufs) == 1 and bufs[0].nbytes == length:
+            bufs[0][:] = view[offset:offset + length]
+            return length
         pos = offset
         end = offset + length
         for buf in bufs:
@@ -159,8 +196,12 @@ class RamStore(BlockStore):
         return pos - offset
 
     def write_from(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
-        self._check_range(offset, length)
+        if offset < 0 or length < 0 or offset + length > self.block_size * self.num_blocks:
+            self._check_range(offset, length)
         view = self._view
+        if len(bufs) == 1 and bufs[0].nbytes == length:
+            view[offset:offset + length] = bufs[0]
+            return length
         pos = offset
         end = offset + length
         for buf in bufs:
@@ -226,6 +267,10 @@ class RamStore(BlockStore):
         return state, min(first + run * _PAGE, end) - offset
 
     def close(self) -> None:
+        self._closing.set()
+        if self._populator is not None:
+            self._populator.join()
+            self._populator = None
         if self._map is not None:
             self._view.release()
             self._map.close()

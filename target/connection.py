@@ -64,6 +64,18 @@ _SENSE_TOO_LONG: Final = _SENSE_BIDI
 # Immediate SCSI commands sit outside the CmdSN window; beyond this many in flight a session's
 # further ones are answered TASK SET FULL rather than held.
 IMMEDIATE_TASKS_MAX: Final = 16
+# Per-I/O constants as plain ints and prebuilt members: an enum attribute lookup, an enum
+# constructor call or an IntFlag ``&`` costs 0.1-0.8 us each, several times per command.
+_OP_SCSI_COMMAND: Final = int(P.Opcode.SCSI_COMMAND)
+_OP_DATA_OUT: Final = int(P.Opcode.DATA_OUT)
+_OP_DATA_IN: Final = int(P.Opcode.DATA_IN)
+_OP_SCSI_RESPONSE: Final = int(P.Opcode.SCSI_RESPONSE)
+_DATAIN_FINAL_STATUS: Final = 0x80 | P.DATAIN_STATUS
+_DIR_IN: Final = DataDirection.IN
+_DIR_OUT: Final = DataDirection.OUT
+_DIR_NONE: Final = DataDirection.NONE
+_QUEUE_ACTIONS: Final = tuple(QueueAction(i) for i in range(5))
+_SIMPLE: Final = QueueAction.SIMPLE
 # Text Request continuations (C bit) gathered into one request, at most.
 TEXT_REQUEST_MAX: Final = 64 * 1024
 
@@ -80,6 +92,8 @@ class ConnState(Enum):
     LOGGED_OUT = "logged-out"
     CLOSED = "closed"
 
+
+_FULL_FEATURE: Final = ConnState.FULL_FEATURE
 
 class ProtocolViolation(Exception):
     """The peer broke the protocol badly enough that the connection must go."""
@@ -315,6 +329,8 @@ class Connection:
         self._lent_bytes = 0  # how much of _buf tasks hold as their data
         # The peer is not reading our output (the transport's buffer is above its high mark).
         self.output_paused = False
+        # LUN field -> LU number, for the few LUNs a connection addresses.
+        self._luns: dict[int, int] = {}
         # Budget bytes of finished tasks whose data still sits in our output list: they count
         # until the adapter takes that output (and the transport's pausing takes over).
         self._unsent = 0
@@ -582,6 +598,20 @@ class Connection:
     def _dispatch(self, w: tuple[int, ...], data: memoryview | None, bhs: memoryview,
                   ahs: memoryview | None) -> None:
         opcode = w[0] & 0x3F
+        if opcode == _OP_SCSI_COMMAND and self.state is _FULL_FEATURE:
+            # The per-I/O case first: a SCSI command in CmdSN order with nothing waiting.
+            session = self.session
+            assert session is not None
+            if data is not None:
+                self._lent = True
+            if w[0] & 0x40:  # immediate
+                self._on_scsi_command(w, data, bhs, ahs, True)
+                return
+            cmdsn = w[8]
+            if cmdsn == session.exp_cmdsn and not session.pending:
+                session.exp_cmdsn = (cmdsn + 1) & ALL_ONES
+                self._on_scsi_command(w, data, bhs, ahs, False)
+                return
         if self.state is ConnState.LOGIN:
             if opcode != P.Opcode.LOGIN_REQUEST:
                 raise ProtocolViolation(f"opcode 0x{opcode:02x} before login completed")
@@ -969,7 +999,12 @@ class Connection:
             if not cdb:
                 self._reject(bhs, P.RejectReason.INVALID_PDU_FIELD)
                 return
-        lun = P.decode_lun(w[5])
+        lun_field = w[5]
+        lun = self._luns.get(lun_field)
+        if lun is None:
+            lun = P.decode_lun(lun_field)
+            if len(self._luns) < 64:
+                self._luns[lun_field] = lun
         if immediate and len(session.tasks) >= session.window + IMMEDIATE_TASKS_MAX:
             # Immediate commands bypass the CmdSN window; this bounds how many a session holds.
             task = Task(self, itt, lun, w[5], -1, edtl, immediate)
@@ -981,8 +1016,8 @@ class Connection:
         session.commands += 1
         if not immediate:
             session.active += 1
-        read = bool(flags & P.CMD_READ)
-        write = bool(flags & P.CMD_WRITE)
+        read = flags & 0x40 != 0  # R
+        write = flags & 0x20 != 0  # W
         dlen = len(data) if data is not None else 0
         if dlen and not write:
             self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
@@ -994,19 +1029,18 @@ class Connection:
         if edtl > self.settings.max_transfer_bytes:
             self._respond_check(task, _SENSE_TOO_LONG)
             return
-        attr = flags & P.CMD_ATTR_MASK
+        attr = flags & 0x07
         srb = Srb(
             path_id=node.path_id, target_id=node.target_id,
             lun=lun if lun >= 0 else 0xFFFF,
             cdb=cdb,
-            data_direction=DataDirection.IN if read else (DataDirection.OUT if write else DataDirection.NONE),
+            data_direction=_DIR_IN if read else (_DIR_OUT if write else _DIR_NONE),
             data_transfer_length=edtl if (read or write) else 0,
             queue_tag=itt,
-            queue_action=QueueAction(attr) if attr <= 4 else QueueAction.SIMPLE,
+            queue_action=_QUEUE_ACTIONS[attr] if attr <= 4 else _SIMPLE,
             nexus=session.nexus,
             completion=self._scsi_done,
         )
-        srb.miniport_context = None
         task.srb = srb
         if write and edtl:
             task.write = True
@@ -1023,7 +1057,11 @@ class Connection:
             task.next_r2t_offset = task.unsolicited_end
         # Wait when others already wait (order is kept), our peer is not reading, or the data
         # would not fit in the session's buffer budget.
-        wait = bool(session.deferred) or self.output_paused or not session.fits(task.need)
+        # (Session.fits written out: this runs for every command.)
+        need = edtl if (read or write) else 0
+        reserved = session.reserved
+        wait = bool(session.deferred) or self.output_paused or not (
+            not need or not reserved or reserved + session.pinned + need <= session.budget)
         if wait:
             task.deferred = True
             session.deferred.append(task)
@@ -1065,7 +1103,7 @@ class Connection:
             else:
                 self._send_r2ts(task)
             return
-        if edtl and srb.data_direction == DataDirection.IN:
+        if edtl and srb.data_direction == _DIR_IN:
             buf = bytearray(edtl)
             task.read_buf = buf
             srb.sg_list = [memoryview(buf)]
@@ -1124,7 +1162,7 @@ class Connection:
         status = int(srb.scsi_status)
         sense = srb.sense
         residual = srb.residual
-        moved = srb.data_transfer_length if srb.data_direction & DataDirection.IN else 0
+        moved = srb.data_transfer_length if srb.data_direction == _DIR_IN else 0
         buf = task.read_buf
         session = self.session
         assert session is not None
@@ -1149,18 +1187,20 @@ class Connection:
                 last = end >= moved
                 header = bytearray(P.BHS_LEN)
                 if last and collapse:
-                    flags = 0x80 | P.DATAIN_STATUS
+                    flags = _DATAIN_FINAL_STATUS
                     if residual > 0:
                         flags |= P.DATAIN_UNDERFLOW
                     elif residual < 0:
                         flags |= P.DATAIN_OVERFLOW
                     self._retire(task)
                     exp_cmdsn, max_cmdsn = session.exp_cmdsn, session.max_cmdsn
-                    pack(header, 0, P.Opcode.DATA_IN, flags, 0, status, n, 0, itt, ALL_ONES,
-                         self._next_stat_sn(), exp_cmdsn, max_cmdsn, datasn, offset, abs(residual))
+                    stat_sn = self.stat_sn
+                    self.stat_sn = (stat_sn + 1) & ALL_ONES
+                    pack(header, 0, _OP_DATA_IN, flags, 0, status, n, 0, itt, ALL_ONES,
+                         stat_sn, exp_cmdsn, max_cmdsn, datasn, offset, abs(residual))
                 else:
                     flags = 0x80 if (last or end % burst == 0) else 0
-                    pack(header, 0, P.Opcode.DATA_IN, flags, 0, 0, n, 0,
+                    pack(header, 0, _OP_DATA_IN, flags, 0, 0, n, 0,
                          itt, ALL_ONES, self.stat_sn, session.exp_cmdsn, session.max_cmdsn,
                          datasn, offset, 0)
                 self._emit(header, mv[offset:end], n)

@@ -480,6 +480,7 @@ def decode_into(srb: Srb) -> SenseCode | None:
     srb.lba = lba
     srb.transfer_blocks = length
     srb.cdb_flags = flags[f]
+    srb.cdb_decoded = True
     return None
 
 
