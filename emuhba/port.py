@@ -803,6 +803,13 @@ class PortDriver:
         self.queued += 1
         if srb.nexus != INTERNAL_NEXUS:
             self._pending += 1
+        if (lq.outstanding < lq.queue_depth and not lq.waiting and not lq.retry and not lq.blocked
+                and not self._blocked and not self._dispatching and not self._runnable
+                and self._watchdog is not None):
+            # Nothing queued ahead and nothing holding the unit: start it now, as _start_lun
+            # would, without the trip through the queue.
+            self._start_now(lq, srb)
+            return
         if srb.queue_action == _HEAD_OF_QUEUE:  # before everything still held
             lq.waiting.appendleft(srb)
         else:
@@ -811,6 +818,34 @@ class PortDriver:
             lq.in_run = True
             self._runnable.append(lq)
         self._run()
+
+    def _start_now(self, lq: LunQueue, srb: Srb) -> None:
+        self._dispatching = True
+        try:
+            lq.active[srb] = self._epoch
+            lq.outstanding += 1
+            if lq.outstanding > lq.peak_outstanding:
+                lq.peak_outstanding = lq.outstanding
+            self.outstanding += 1
+            if self.outstanding > self.peak_outstanding:
+                self.peak_outstanding = self.outstanding
+            limit = self._limit
+            if limit is not None and self.outstanding >= limit:
+                self._blocked |= _LIMIT
+            try:
+                build_io = self._build_io
+                if build_io is None or build_io(srb):
+                    self.miniport.hw_start_io(srb)
+            except Exception:
+                log.exception("miniport_start_failed", srb=repr(srb))
+                if srb in lq.active:
+                    srb.complete(SrbStatus.ERROR)
+                    self._complete(srb)
+        finally:
+            self._dispatching = False
+        if self._runnable:
+            # Completions during the start queued units to run.
+            self._run()
 
     def _book(self, srb: Srb) -> LunQueue:
         """Take ``srb`` into the port's books (its unit, counters, submit time)."""

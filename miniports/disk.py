@@ -346,8 +346,11 @@ class EmulatedDiskController:
             self.post(srb)
             return True
         latency = self.latency_s
-        delay = latency(srb) if callable(latency) else latency
         faults = self.faults
+        if latency == 0 and not (faults.busy or faults.medium or faults.latency):
+            self._begin(srb, lu)  # no modelled latency and no fault armed: the common case
+            return True
+        delay = latency(srb) if callable(latency) else latency
         if faults.busy or faults.medium or faults.latency:
             if faults.intercept(srb, lu):
                 self.post(srb)
@@ -366,9 +369,14 @@ class EmulatedDiskController:
         if executor is not None and (self.threaded_completions or lu.needs_blocking_io(srb)):
             self._executing[srb] = lu
             executor.submit(self._dma, srb, lu)
-        else:
-            self._execute(srb, lu)
-            self.post(srb)
+            return
+        try:
+            lu.execute(srb)
+        except Exception:
+            log.exception("lu_execute_failed", srb=repr(srb))
+            srb.complete(SrbStatus.ERROR)
+        self._ring.append(srb)  # post, written out
+        self._irq()
 
     def _dma(self, srb: Srb, lu: LogicalUnit) -> None:
         self._execute(srb, lu)

@@ -680,11 +680,15 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         return lba >= nb or blocks > nb - lba
 
     def _read(self, srb: Srb, cdb: bytes) -> None:
-        if not self._block_prologue(srb, cdb, cdb[0] != Op.READ_6):
+        # The per-I/O command: the prologue's checks are made inline when all pass (an
+        # xxPROTECT field of zero, a decoded CDB, a length within limits, a started unit).
+        if (not srb.cdb_decoded or cdb[1] & 0xE0 or srb.transfer_blocks > self._max_transfer
+                or self._stopped) and not self._block_prologue(srb, cdb, cdb[0] != Op.READ_6):
             return
         lba = srb.lba
         blocks = srb.transfer_blocks
-        if self._out_of_range(lba, blocks):
+        nb = self._num_blocks
+        if lba >= nb or blocks > nb - lba:
             self._fail(srb, S.LBA_OUT_OF_RANGE)
             return
         bs = self._block_size
@@ -698,7 +702,11 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
             except OSError:
                 self._fail(srb, S.UNRECOVERED_READ_ERROR, information=lba)
                 return
-        self._good(srb, moved, wanted)
+        srb.residual = edtl - wanted  # _good, written out
+        srb.data_transfer_length = moved
+        srb.scsi_status = _GOOD
+        srb.srb_status = _SUCCESS
+        srb.sense = b""
 
     def _write(self, srb: Srb, cdb: bytes) -> None:
         op = cdb[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -48,6 +49,7 @@ log = structlog.get_logger("emuhba.iscsi")
 
 _bhs_unpack = P.BHS_GRID.unpack_from
 _bhs_pack = P.BHS_GRID.pack_into
+_getrefcount = sys.getrefcount
 _crc = P.crc32c
 
 RECV_CHUNK: Final = 1 << 20
@@ -76,8 +78,13 @@ _DIR_OUT: Final = DataDirection.OUT
 _DIR_NONE: Final = DataDirection.NONE
 _QUEUE_ACTIONS: Final = tuple(QueueAction(i) for i in range(5))
 _SIMPLE: Final = QueueAction.SIMPLE
+_SRB_ABORTED: Final = SrbStatus.ABORTED
+_PADS: Final = (b"", b"\0", b"\0\0", b"\0\0\0")
 # Text Request continuations (C bit) gathered into one request, at most.
 TEXT_REQUEST_MAX: Final = 64 * 1024
+# Read buffers of at least READ_POOL_MIN bytes are reused, up to READ_POOL_BYTES per connection.
+READ_POOL_MIN: Final = 64 * 1024
+READ_POOL_BYTES: Final = 8 << 20
 
 
 class _RecvBuffer(bytearray):
@@ -166,6 +173,10 @@ class Task:
         return self.edtl if srb is not None and srb.data_transfer_length else 0
 
 
+def _no_backend(srb: Srb) -> None:
+    raise AssertionError("a discovery session runs no SCSI commands")
+
+
 class Session:
     """Session-wide state: command numbering, the task set, negotiated parameters."""
 
@@ -208,6 +219,9 @@ class Session:
         self.bytes_read = 0
         self.bytes_written = 0
         self.tasks_aborted = 0
+        # The backend's entry point, looked up once (it is called for every command).
+        self.execute: Callable[[Srb], None] = node.backend.execute if node is not None \
+            else _no_backend
 
     def _window_size(self) -> int:
         settings = self.portal.settings
@@ -331,6 +345,9 @@ class Connection:
         self.output_paused = False
         # LUN field -> LU number, for the few LUNs a connection addresses.
         self._luns: dict[int, int] = {}
+        self._one_pdu = 0
+        self._read_pool: dict[int, list[bytearray]] = {}
+        self._read_pool_bytes = 0
         # Budget bytes of finished tasks whose data still sits in our output list: they count
         # until the adapter takes that output (and the transport's pausing takes over).
         self._unsent = 0
@@ -952,6 +969,8 @@ class Connection:
         self.data_digest = params.data_digest
         self.max_send_dsl = params.max_recv_data_segment_length
         self.max_recv_dsl = params.target_max_recv_data_segment_length
+        # Reads up to this size go out as one Data-In carrying the status.
+        self._one_pdu = min(params.max_recv_data_segment_length, params.max_burst_length)
         self._negotiator = None
 
     def _login_response(self, *, flags: int, text: bytes, tsih: int,
@@ -1065,12 +1084,24 @@ class Connection:
         if wait:
             task.deferred = True
             session.deferred.append(task)
-        if dlen and task.write:
-            assert data is not None
-            task.received = dlen
-            task.parts.append((0, self._keep(session, task, data)))
-        if not wait:
-            self._launch(task)
+        if task.write:
+            if dlen:
+                assert data is not None
+                task.received = dlen
+                task.parts.append((0, self._keep(session, task, data)))
+            if not wait:
+                self._launch(task)
+        elif not wait:
+            # _launch and _submit for a command that moves no data out, written out.
+            if need:
+                task.reserved = need
+                session.reserved += need
+                if read:
+                    buf = self._read_buffer(need)
+                    task.read_buf = buf
+                    srb.sg_list = [memoryview(buf)]
+            task.submitted = True
+            session.execute(srb)
 
     def _keep(self, session: Session, task: Task, data: memoryview) -> memoryview:
         """Write data a task holds until it runs: a waiting task keeps a counted copy (so it
@@ -1104,7 +1135,7 @@ class Connection:
                 self._send_r2ts(task)
             return
         if edtl and srb.data_direction == _DIR_IN:
-            buf = bytearray(edtl)
+            buf = self._read_buffer(edtl)
             task.read_buf = buf
             srb.sg_list = [memoryview(buf)]
         self._submit(task)
@@ -1142,21 +1173,115 @@ class Connection:
         task.submitted = True
         if task.write:
             session.bytes_written += task.edtl
-        session.node.backend.execute(srb)
+        session.execute(srb)
+
+    def _read_buffer(self, size: int) -> bytearray:
+        """A buffer for a read's data. Large ones come from a small per-connection pool: a
+        fresh 256 KiB bytearray costs a zero fill and, once glibc returns freed heap to the
+        kernel, 64 page faults (200 us measured, against 15 us for the read itself). A pooled
+        buffer is free again when nothing but the pool refers to it: the task let it go and
+        the transport has sent every Data-In that was a view of it."""
+        if size < READ_POOL_MIN:
+            return bytearray(size)
+        pool = self._read_pool.get(size)
+        if pool is None:
+            pool = self._read_pool[size] = []
+        for i in range(len(pool)):
+            buf = pool[i]
+            # The pool's reference, this loop's and getrefcount's own: nobody else holds it.
+            if _getrefcount(buf) == 3:
+                # To the back, so the next search starts at the longest-used buffers.
+                del pool[i]
+                pool.append(buf)
+                return buf
+        if self._read_pool_bytes + size <= READ_POOL_BYTES:
+            self._read_pool_bytes += size
+            buf = bytearray(size)
+            pool.append(buf)
+            return buf
+        return bytearray(size)
 
     def _on_scsi_complete(self, srb: Srb) -> None:
         session = self.session
         if session is None:
             return
-        task = session.tasks.get(srb.queue_tag)
+        itt = srb.queue_tag
+        tasks = session.tasks
+        task = tasks.get(itt)
         if task is None or task.srb is not srb or task.aborted:
             return
-        if srb.srb_status == SrbStatus.ABORTED:
+        if srb.srb_status == _SRB_ABORTED:
             self._finish_task(task)
             return
-        self._send_scsi_result(task, srb)
-        self._finish_task(task)
-        self._flush_hint()
+        buf = task.read_buf
+        if srb.sense or task.write:
+            self._send_scsi_result(task, srb)
+            self._finish_task(task)
+            self._flush_hint()
+            return
+        # The per-I/O answer, written out: a read whose data fits one Data-In (which carries
+        # the status), or a command without data; no sense, nothing written to clean up.
+        moved = srb.data_transfer_length if srb.data_direction == _DIR_IN else 0
+        if moved > self._one_pdu or (moved and buf is None):
+            self._send_scsi_result(task, srb)
+            self._finish_task(task)
+            self._flush_hint()
+            return
+        residual = srb.residual
+        if not task.immediate and task.cmdsn >= 0:
+            # _retire: the window slot is free before the status goes out.
+            task.cmdsn = -1
+            session.active -= 1
+            max_cmdsn = session.max_cmdsn
+            candidate = (session.exp_cmdsn - 1 + max(0, session.window - session.active)) \
+                & ALL_ONES
+            if candidate != max_cmdsn and ((candidate - max_cmdsn) & ALL_ONES) < 0x80000000:
+                session.max_cmdsn = max_cmdsn = candidate
+        else:
+            max_cmdsn = session.max_cmdsn
+        stat_sn = self.stat_sn
+        self.stat_sn = (stat_sn + 1) & ALL_ONES
+        header = bytearray(48)
+        out = self._out
+        if moved:
+            flags = _DATAIN_FINAL_STATUS
+            if residual:
+                flags |= P.DATAIN_UNDERFLOW if residual > 0 else P.DATAIN_OVERFLOW
+            _bhs_pack(header, 0, _OP_DATA_IN, flags, 0, int(srb.scsi_status), moved, 0, itt,
+                      ALL_ONES, stat_sn, session.exp_cmdsn, max_cmdsn, 0, 0, abs(residual))
+            assert buf is not None
+            data = buf if moved == len(buf) else memoryview(buf)[:moved]
+            out.append(header)
+            if self.header_digest:
+                out.append(P.digest_bytes(_crc(header)))
+            out.append(data)
+            pad = -moved & 3
+            if pad:
+                out.append(_PADS[pad])
+            if self.data_digest:
+                out.append(P.digest_bytes(P.data_digest([data], moved)))
+            session.bytes_read += moved
+        else:
+            flags = 0x80
+            if residual:
+                flags |= P.RESP_UNDERFLOW if residual > 0 else P.RESP_OVERFLOW
+            _bhs_pack(header, 0, _OP_SCSI_RESPONSE, flags, 0, int(srb.scsi_status), 0, 0, itt,
+                      0, stat_sn, session.exp_cmdsn, max_cmdsn, 0, 0, abs(residual))
+            out.append(header)
+            if self.header_digest:
+                out.append(P.digest_bytes(_crc(header)))
+        self.pdus_out += 1
+        # _finish_task, for a task that wrote nothing.
+        del tasks[itt]
+        task.read_buf = None
+        if task.reserved:
+            # Its data is in our output: the budget is freed when the adapter takes it.
+            self._unsent += task.reserved
+            task.reserved = 0
+        if task.held:
+            session.release(task)
+        if not self._in_receive and self.on_output is not None:
+            self.on_output()
 
     def _send_scsi_result(self, task: Task, srb: Srb) -> None:
         status = int(srb.scsi_status)

@@ -9,6 +9,7 @@ word, an 8-byte LUN-or-ISID field and eight 32-bit words. Measured in bench/benc
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Final
 
@@ -296,7 +297,7 @@ def digest_value(raw: bytes | memoryview) -> int:
     return int(_U32LE.unpack_from(raw)[0])
 
 
-def data_digest(parts: list[memoryview] | list[bytes], length: int) -> int:
+def data_digest(parts: Sequence[bytes | bytearray | memoryview], length: int) -> int:
     """CRC32C over a data segment given as pieces, plus its zero padding."""
     crc = 0
     for part in parts:
