@@ -525,7 +525,7 @@ CASES = (
     Case("4k-randwrite-qd32", 4096, 32, write=True),
     Case("256k-seqwrite-qd32", 256 * 1024, 32, random=False, write=True),
     Case("4k-randread-qd32-crc32c", 4096, 32, digest=True),
-    Case("4k-randread-16x-qd8", 4096, 8, sessions=16),
+    Case("4k-randread-16x-qd32", 4096, 32, sessions=16),
     Case("4k-randread-qd32-file", 4096, 32, lun="file"),
 )
 TARGET_NAMES = ("emuhba", "tgtd")
@@ -539,6 +539,8 @@ class Sample:
     seconds: float
     cpu_seconds: float
     peak_rss_kib: int
+    # Peak RSS less the resident pages of the target's RAM LUN stores (the goal's measure).
+    peak_rss_beyond_luns_kib: int = 0
 
 
 @dataclass
@@ -571,6 +573,8 @@ class CaseResult:
             "cpu_s_per_1k_io": round(1000 * sum(s.cpu_seconds for s in runs) / ios, 4)
             if ios else 0.0,
             "peak_rss_mib": round(max(s.peak_rss_kib for s in runs) / 1024, 1),
+            "peak_rss_beyond_luns_mib": round(
+                max(s.peak_rss_beyond_luns_kib for s in runs) / 1024, 1),
         }
 
 
@@ -595,13 +599,33 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-class Probe:
-    """CPU time over a run and the peak RSS sampled during it, for one process."""
+def lun_resident_kib(pid: int, lun_bytes: int) -> int:
+    """Resident KiB of the process's anonymous mappings exactly ``lun_bytes`` long: an emuhba
+    RAM LUN is one such mapping (tgtd has none; its /dev/shm files are page cache)."""
+    total = 0
+    counting = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef":  # a mapping's header; field lines start A-Z
+                fields = line.split()
+                start, _, end = fields[0].partition("-")
+                counting = len(fields) < 6 and int(end, 16) - int(start, 16) == lun_bytes
+            elif counting and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
 
-    def __init__(self, pid: int | None, interval: float = 0.1) -> None:
+
+class Probe:
+    """CPU time over a run and the peak RSS sampled during it, for one process; with
+    ``lun_bytes``, also the peak of RSS less the RAM LUNs' resident pages (read every 0.5 s:
+    walking a 1 GiB mapping's pages is not free)."""
+
+    def __init__(self, pid: int | None, interval: float = 0.1, lun_bytes: int = 0) -> None:
         self.pid = pid
         self.interval = interval
+        self.lun_bytes = lun_bytes
         self.peak = 0
+        self.peak_beyond_luns = 0
         self._cpu0 = 0.0
         self.cpu = 0.0
         self._stop = threading.Event()
@@ -617,9 +641,19 @@ class Probe:
 
     def _sample(self) -> None:
         assert self.pid is not None
+        ticks = 0
         while not self._stop.wait(self.interval):
+            ticks += 1
             with contextlib.suppress(OSError):
                 self.peak = max(self.peak, rss_kib(self.pid))
+                if ticks % 5 == 0:
+                    self._sample_beyond_luns()
+
+    def _sample_beyond_luns(self) -> None:
+        assert self.pid is not None
+        rss = rss_kib(self.pid)
+        luns = lun_resident_kib(self.pid, self.lun_bytes) if self.lun_bytes else 0
+        self.peak_beyond_luns = max(self.peak_beyond_luns, rss - luns)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -628,6 +662,7 @@ class Probe:
         if self.pid is not None:
             with contextlib.suppress(OSError):
                 self.peak = max(self.peak, rss_kib(self.pid))
+                self._sample_beyond_luns()
                 self.cpu = cpu_seconds(self.pid) - self._cpu0
 
 
@@ -704,7 +739,7 @@ def format_results(results: Sequence[CaseResult]) -> str:
     I/Os, peak RSS; then the emuhba/tgtd ratio of the medians."""
     header = ["case"]
     for name in TARGET_NAMES:
-        header += [f"{name} IOPS (min-max)", "MiB/s", "CPU s/1k", "RSS MiB"]
+        header += [f"{name} IOPS (min-max)", "MiB/s", "CPU s/1k", "RSS MiB", "-LUN"]
     header.append("emuhba/tgtd")
     lines = [header]
     for result in results:
@@ -712,11 +747,12 @@ def format_results(results: Sequence[CaseResult]) -> str:
         for name in TARGET_NAMES:
             summary = result.summary(name)
             if summary is None:
-                cells += ["-", "-", "-", "-"]
+                cells += ["-", "-", "-", "-", "-"]
                 continue
             cells += [f"{_fmt_iops(summary['iops'])} ({_fmt_iops(summary['iops_min'])}-"
                       f"{_fmt_iops(summary['iops_max'])})", f"{summary['mib_per_s']:.0f}",
-                      f"{summary['cpu_s_per_1k_io']:.3f}", f"{summary['peak_rss_mib']:.0f}"]
+                      f"{summary['cpu_s_per_1k_io']:.3f}", f"{summary['peak_rss_mib']:.0f}",
+                      f"{summary['peak_rss_beyond_luns_mib']:.0f}"]
         ratio = result.ratio()
         cells.append("-" if ratio is None else f"{ratio:.2f}")
         lines.append(cells)
@@ -877,12 +913,13 @@ def run(args: argparse.Namespace) -> int:
                         target = (digest if case.digest else plain)[name]
                         print(f"round {round_ + 1}/{args.rounds}: {case.name} on {name} ...",
                               end=" ", flush=True)
-                        with Probe(target.pid) as probe:
+                        with Probe(target.pid, lun_bytes=size) as probe:
                             iops, took = run_case(case, target.url(case), args.seconds,
                                                   target.block_length, counts,
                                                   f"{name}/{case.name}")
                         result.samples.setdefault(name, []).append(
-                            Sample(iops, took, probe.cpu, probe.peak))
+                            Sample(iops, took, probe.cpu, probe.peak,
+                                   probe.peak_beyond_luns))
                         print(f"{_fmt_iops(iops)} IOPS", flush=True)
         except KeyboardInterrupt:
             print("\ninterrupted; stopping the targets", file=sys.stderr)

@@ -710,7 +710,9 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
 
     def _write(self, srb: Srb, cdb: bytes) -> None:
         op = cdb[0]
-        if not self._block_prologue(srb, cdb, op != Op.WRITE_6):
+        # As in _read: the prologue only when one of its checks could fail.
+        if (not srb.cdb_decoded or cdb[1] & 0xE0 or srb.transfer_blocks > self._max_transfer
+                or self._stopped) and not self._block_prologue(srb, cdb, op != Op.WRITE_6):
             return
         verify = op in _WRITE_VERIFY
         if verify and cdb[1] & 0x04:
@@ -722,7 +724,8 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
             return
         lba = srb.lba
         blocks = srb.transfer_blocks
-        if self._out_of_range(lba, blocks):
+        nb = self._num_blocks
+        if lba >= nb or blocks > nb - lba:
             self._fail(srb, S.LBA_OUT_OF_RANGE)
             return
         bs = self._block_size

@@ -442,6 +442,24 @@ class Connection:
 
     def _parse(self) -> None:
         view = self._view
+        dispatch = self._dispatch
+        end = self._end
+        # PDUs without AHS on a connection without digests: the common case, parsed here.
+        while not self.closing and not self.header_digest and not self.data_digest:
+            start = self._start
+            if end - start < 48:
+                return
+            words = _bhs_unpack(view, start)
+            dsl = words[4]
+            if dsl > 0xFFFFFF:
+                break  # it has an AHS: the general loop below
+            total = 48 + dsl + (-dsl & 3)
+            if dsl > self.max_recv_dsl or end - start < total:
+                break  # too long, or not all here yet: the general loop deals with it
+            self._start = start + total
+            self.pdus_in += 1
+            dispatch(words, view[start + 48:start + 48 + dsl] if dsl else None,
+                     view[start:start + 48], None)
         hdigest = self.header_digest
         ddigest = self.data_digest
         while not self.closing:
@@ -1085,6 +1103,20 @@ class Connection:
             task.deferred = True
             session.deferred.append(task)
         if task.write:
+            if dlen == edtl and not wait:
+                # Every byte came with the command (immediate data): _keep, _launch and
+                # _submit, written out.
+                assert data is not None
+                if data.obj is self._buf:
+                    self._lent_bytes += dlen
+                task.received = dlen
+                task.reserved = need
+                session.reserved += need
+                srb.sg_list = [data]
+                task.submitted = True
+                session.bytes_written += edtl
+                session.execute(srb)
+                return
             if dlen:
                 assert data is not None
                 task.received = dlen
@@ -1214,13 +1246,13 @@ class Connection:
             self._finish_task(task)
             return
         buf = task.read_buf
-        if srb.sense or task.write:
+        if srb.sense:
             self._send_scsi_result(task, srb)
             self._finish_task(task)
             self._flush_hint()
             return
         # The per-I/O answer, written out: a read whose data fits one Data-In (which carries
-        # the status), or a command without data; no sense, nothing written to clean up.
+        # the status), or a SCSI Response for a write or a command without data; no sense.
         moved = srb.data_transfer_length if srb.data_direction == _DIR_IN else 0
         if moved > self._one_pdu or (moved and buf is None):
             self._send_scsi_result(task, srb)
@@ -1271,9 +1303,11 @@ class Connection:
             if self.header_digest:
                 out.append(P.digest_bytes(_crc(header)))
         self.pdus_out += 1
-        # _finish_task, for a task that wrote nothing.
+        # _finish_task, written out.
         del tasks[itt]
         task.read_buf = None
+        if task.write:
+            task.parts = []
         if task.reserved:
             # Its data is in our output: the budget is freed when the adapter takes it.
             self._unsent += task.reserved

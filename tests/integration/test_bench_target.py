@@ -35,13 +35,14 @@ def test_bench_target_runs_every_case_on_both_targets(tmp_path: Path, target_fla
     assert names == [
         "4k-randread-qd1", "4k-randread-qd32", "4k-randread-qd128", "64k-seqread-qd32",
         "256k-seqread-qd32", "4k-randwrite-qd32", "256k-seqwrite-qd32",
-        "4k-randread-qd32-crc32c", "4k-randread-16x-qd8", "4k-randread-qd32-file",
+        "4k-randread-qd32-crc32c", "4k-randread-16x-qd32", "4k-randread-qd32-file",
     ]
     for entry in result["cases"]:
         for target in ("emuhba", "tgtd"):
             figures = entry[target]
             assert figures["iops"] > 0 and figures["cpu_s_per_1k_io"] > 0, entry
             assert figures["peak_rss_mib"] > 0, entry
+            assert 0 < figures["peak_rss_beyond_luns_mib"] <= figures["peak_rss_mib"], entry
         assert entry["ratio"] > 0
     assert "emuhba/tgtd" in done.stdout  # the table was printed
     # The digest case ran against targets that accept nothing but CRC32C header digests (a

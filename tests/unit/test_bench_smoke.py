@@ -96,9 +96,9 @@ def test_iscsi_perf_command_counts_blocks() -> None:
 def test_table_gives_medians_ranges_costs_and_the_ratio() -> None:
     case = bench.Case("4k-randread-qd32", 4096, 32)
     result = bench.CaseResult(case)
-    result.samples["emuhba"] = [bench.Sample(20000, 10.0, 2.0, 50 * 1024),
-                                bench.Sample(22000, 10.0, 2.0, 60 * 1024),
-                                bench.Sample(18000, 10.0, 2.0, 40 * 1024)]
+    result.samples["emuhba"] = [bench.Sample(20000, 10.0, 2.0, 50 * 1024, 30 * 1024),
+                                bench.Sample(22000, 10.0, 2.0, 60 * 1024, 20 * 1024),
+                                bench.Sample(18000, 10.0, 2.0, 40 * 1024, 10 * 1024)]
     result.samples["tgtd"] = [bench.Sample(10000, 10.0, 1.0, 5 * 1024)]
     missing = bench.CaseResult(bench.Case("256k-seqread-qd32", 256 * 1024, 32, random=False))
     summary = result.summary("emuhba")
@@ -107,11 +107,13 @@ def test_table_gives_medians_ranges_costs_and_the_ratio() -> None:
     # 6 CPU seconds over 600,000 I/Os: 0.01 s per 1,000.
     assert summary["cpu_s_per_1k_io"] == pytest.approx(0.01)
     assert summary["peak_rss_mib"] == 60 and result.ratio() == 2.0
+    # The RSS beyond the RAM LUN is its own peak, not the peak RSS's sample less its LUN.
+    assert summary["peak_rss_beyond_luns_mib"] == 30
     lines = bench.format_results([result, missing]).splitlines()
     assert lines[0].split()[0] == "case" and lines[0].split()[-1] == "emuhba/tgtd"
     assert lines[2].split() == ["4k-randread-qd32", "20.0k", "(18.0k-22.0k)", "78", "0.010", "60",
-                                "10.0k", "(10.0k-10.0k)", "39", "0.010", "5", "2.00"]
-    assert lines[3].split() == ["256k-seqread-qd32"] + ["-"] * 9
+                                "30", "10.0k", "(10.0k-10.0k)", "39", "0.010", "5", "0", "2.00"]
+    assert lines[3].split() == ["256k-seqread-qd32"] + ["-"] * 11
 
 
 def test_cases_and_the_write_driver() -> None:
@@ -144,3 +146,40 @@ def test_free_port_and_wait_for_portal() -> None:
     port = bench.free_tcp_port()
     with pytest.raises(TimeoutError):
         bench.wait_for_portal("127.0.0.1", port, None, 0.2)
+
+
+def test_lun_resident_memory_is_found_in_smaps() -> None:
+    """The RSS-beyond-LUNs figure subtracts exactly the RAM LUN's mapping: here a 64 MiB
+    anonymous mapping with 8 MiB written is found with 8 MiB resident."""
+    import mmap
+    import os
+
+    size = 64 << 20
+    area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        area[: 8 << 20] = b"\x01" * (8 << 20)
+        resident = bench.lun_resident_kib(os.getpid(), size)
+        assert 8 * 1024 <= resident < 9 * 1024
+        assert bench.lun_resident_kib(os.getpid(), size + 4096) == 0
+    finally:
+        area.close()
+
+
+def test_bench_path_drives_every_workload_through_the_whole_stack(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/bench_path.py (the Python cost per command, no sockets) still runs: each workload
+    completes its commands through the real installation and prints a figure."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_path.py"
+    spec = importlib.util.spec_from_file_location("bench_path", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_path"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert module.main(["--commands", "320", "--repeat", "1", "--size", str(64 << 20)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    assert set(rows) == set(module.WORKLOADS) and all(us > 0 for us in rows.values())
