@@ -323,7 +323,7 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         if not 0 < self._max_transfer <= 0xFFFFFFFF or self._optimal_transfer <= 0:
             raise ValueError("transfer limits must be positive 32-bit block counts")
         if product is None:
-            product = "FILEDISK" if store.blocking else "RAMDISK"
+            product = "FILEDISK" if store.blocking or store.file_backed else "RAMDISK"
         if not 0 < len(serial) <= 200:
             raise ValueError("a unit serial number takes 1 to 200 characters")
         self._vendor = _ascii_field(vendor, 8, "vendor")

@@ -336,6 +336,7 @@ class RaidVolume(BlockStore):
         self.name = name
         self.read_only = read_only or any(s is not None and s.read_only for s in stores)
         self.blocking = any(s is not None and s.blocking for s in stores)
+        self.file_backed = any(s is not None and s.file_backed for s in stores)
         # The members' physical block when they agree on one.
         physical = {s.physical_block_size for s in stores if s is not None}
         self.physical_block_size = physical.pop() if len(physical) == 1 else None

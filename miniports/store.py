@@ -57,6 +57,11 @@ _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 _libc.mincore.restype = ctypes.c_int
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.madvise.restype = ctypes.c_int
+_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_libc.fstatfs.restype = ctypes.c_int
+# Filesystems whose files live in memory (statfs f_type): their reads and writes are memory
+# copies that never wait for a device.
+_MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # tmpfs, ramfs
 _MADV_POPULATE_READ = 22
 # Stores up to this size are populated at once; larger ones by a thread, in steps of the same.
 _POPULATE_STEP = 64 << 20
@@ -80,6 +85,8 @@ class BlockStore(ABC):
     block_size: int = DEFAULT_BLOCK_SIZE
     num_blocks: int = 0
     blocking: bool = False
+    # A file (or device) under the store, whether or not its I/O can block.
+    file_backed: bool = False
     read_only: bool = False
     # The physical block the unit reports (a power-of-two number of logical blocks); None:
     # 4 KiB, or the logical block if that is larger, as drives of today report.
@@ -277,6 +284,14 @@ class RamStore(BlockStore):
             self._map = None
 
 
+def _memory_filesystem(fd: int) -> bool:
+    """Whether ``fd`` is a file in tmpfs or ramfs (f_type, the first field of struct statfs)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FILESYSTEMS
+
+
 def _trim(bufs: Sequence[memoryview], length: int) -> list[memoryview]:
     """The leading buffers holding at most ``length`` bytes, the last one cut to fit."""
     out: list[memoryview] = []
@@ -313,6 +328,7 @@ class FileStore(BlockStore):
     """
 
     blocking = True
+    file_backed = True
 
     def __init__(
         self,
@@ -349,6 +365,11 @@ class FileStore(BlockStore):
             raise
         self.num_blocks = size // block_size
         self._fd = fd
+        # A file in tmpfs (/dev/shm) is page cache and nothing else: its I/O is a memory copy
+        # that never waits for a device, so the controller runs it in line rather than on a
+        # worker thread (a hand-off that costs more than the copy: 3x the IOPS measured).
+        if _memory_filesystem(fd):
+            self.blocking = False
 
     @property
     def fd(self) -> int:
