@@ -508,3 +508,47 @@ def test_connections_beyond_max_connections_are_refused() -> None:
     (reply,) = second.send(header, text)
     assert (reply.w(36) >> 24, (reply.w(36) >> 16) & 0xFF) == (2, 6)
     assert not first.conn.closing
+
+
+def _send_read(ini: TestInitiator, lba: int, blocks: int) -> int:
+    """A READ(10) handed to the connection without taking its output."""
+    itt = ini.next_itt()
+    header = bhs(P.Opcode.SCSI_COMMAND, 0x80 | 0x40 | 0x01, 0, 0, 0, P.encode_lun(0), itt,
+                 blocks * BLOCK, ini.cmdsn, ini.exp_statsn)
+    header[32:48] = read10(lba, blocks).ljust(16, b"\0")
+    ini.cmdsn += 1
+    ini.conn.receive_data(bytes(header))
+    return itt
+
+
+def test_large_read_buffers_are_reused_only_when_nothing_refers_to_them() -> None:
+    """Reads of 64 KiB and more take pooled buffers; a buffer whose Data-In is still in the
+    output is not handed to another read (that would change data already answered)."""
+    from target.connection import READ_POOL_MIN
+
+    backend, ini = logged_in()
+    size = 2 * READ_POOL_MIN
+    blocks = size // BLOCK
+    backend.media[:size] = b"\x01" * size
+    backend.media[size:2 * size] = b"\x02" * size
+    first = _send_read(ini, 0, blocks)  # its Data-In views sit in the output, untaken
+    second = _send_read(ini, blocks, blocks)
+    pool = ini.conn._read_pool[size]
+    assert len(pool) == 2 and pool[0] is not pool[1]
+    pdus = ini.collect()
+
+    def data_of(itt: int) -> bytes:
+        return b"".join(p.data for p in pdus if p.opcode == P.Opcode.DATA_IN and p.itt == itt)
+
+    assert data_of(first) == b"\x01" * size and data_of(second) == b"\x02" * size
+    # Both answered and taken (and this backend lets go of its requests, as the HBA does): the
+    # next read reuses one, and still reads what it should.
+    backend.executed.clear()
+    kept = {id(buf) for buf in pool}
+    third = _send_read(ini, blocks, blocks)
+    pdus = ini.collect()
+    assert data_of(third) == b"\x02" * size
+    assert {id(buf) for buf in ini.conn._read_pool[size]} == kept
+    # Small reads are not pooled.
+    _, small = ini.command(read10(0, 8), read=8 * BLOCK)
+    assert read_data(small) == b"\x01" * (8 * BLOCK) and set(ini.conn._read_pool) == {size}

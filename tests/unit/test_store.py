@@ -405,3 +405,34 @@ def test_controller_cache_deallocate_drops_dirty_lines() -> None:
         assert _read(cache, 0, 16384) == b"\x11" * 2048 + bytes(8192) + b"\x11" * 6144
     finally:
         cache.close()
+
+
+def test_file_store_on_tmpfs_does_its_io_in_line(tmp_path: Path) -> None:
+    """A file in /dev/shm is memory: no worker thread for it. A file elsewhere may block."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    in_memory = FileStore(shm / f"emuhba-test-{os.getpid()}.img", 1 << 20)
+    on_disk = FileStore(tmp_path / "disk.img", 1 << 20)
+    try:
+        assert in_memory.file_backed and on_disk.file_backed
+        assert not in_memory.blocking
+        buf = memoryview(bytearray(4096))
+        in_memory.write_from(4096, 4096, [memoryview(b"\x07" * 4096)])
+        assert in_memory.read_into(4096, 4096, [buf]) == 4096 and bytes(buf) == b"\x07" * 4096
+    finally:
+        in_memory.close()
+        on_disk.close()
+        os.unlink(shm / f"emuhba-test-{os.getpid()}.img")
+
+
+def test_large_ram_store_reads_zeros_while_populating_and_closes_cleanly() -> None:
+    """Stores above the populate step are populated by a thread; reads meanwhile see zeros,
+    writes land, and close waits for the thread."""
+    store = RamStore.of_size(256 << 20)
+    buf = memoryview(bytearray(4096))
+    assert store.read_into(200 << 20, 4096, [buf]) == 4096 and bytes(buf) == bytes(4096)
+    store.write_from(255 << 20, 4096, [memoryview(b"\x05" * 4096)])
+    assert store.read_into(255 << 20, 4096, [buf]) == 4096 and bytes(buf) == b"\x05" * 4096
+    store.close()
+    assert store._populator is None
