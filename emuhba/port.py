@@ -822,30 +822,35 @@ class PortDriver:
     def _start_now(self, lq: LunQueue, srb: Srb) -> None:
         self._dispatching = True
         try:
-            lq.active[srb] = self._epoch
-            lq.outstanding += 1
-            if lq.outstanding > lq.peak_outstanding:
-                lq.peak_outstanding = lq.outstanding
-            self.outstanding += 1
-            if self.outstanding > self.peak_outstanding:
-                self.peak_outstanding = self.outstanding
-            limit = self._limit
-            if limit is not None and self.outstanding >= limit:
-                self._blocked |= _LIMIT
-            try:
-                build_io = self._build_io
-                if build_io is None or build_io(srb):
-                    self.miniport.hw_start_io(srb)
-            except Exception:
-                log.exception("miniport_start_failed", srb=repr(srb))
-                if srb in lq.active:
-                    srb.complete(SrbStatus.ERROR)
-                    self._complete(srb)
+            self._issue(lq, srb)
         finally:
             self._dispatching = False
         if self._runnable:
             # Completions during the start queued units to run.
             self._run()
+
+    def _issue(self, lq: LunQueue, srb: Srb) -> None:
+        """Hand one request to the miniport: on the unit's books as active, then its build and
+        start routines (a start that raises fails the request, not the port)."""
+        lq.active[srb] = self._epoch
+        lq.outstanding += 1
+        if lq.outstanding > lq.peak_outstanding:
+            lq.peak_outstanding = lq.outstanding
+        self.outstanding += 1
+        if self.outstanding > self.peak_outstanding:
+            self.peak_outstanding = self.outstanding
+        limit = self._limit
+        if limit is not None and self.outstanding >= limit:
+            self._blocked |= _LIMIT
+        try:
+            build_io = self._build_io
+            if build_io is None or build_io(srb):
+                self.miniport.hw_start_io(srb)
+        except Exception:
+            log.exception("miniport_start_failed", srb=repr(srb))
+            if srb in lq.active:
+                srb.complete(SrbStatus.ERROR)
+                self._complete(srb)
 
     def _book(self, srb: Srb) -> LunQueue:
         """Take ``srb`` into the port's books (its unit, counters, submit time)."""
@@ -884,37 +889,16 @@ class PortDriver:
             self._dispatching = False
 
     def _start_lun(self, lq: LunQueue) -> None:
-        start_io = self.miniport.hw_start_io
-        build_io = self._build_io
-        active = lq.active
         retry = lq.retry
         waiting = lq.waiting
-        limit = self._limit
-        epoch = self._epoch
+        issue = self._issue
         while lq.outstanding < lq.queue_depth and not lq.blocked and not self._blocked:
             if retry:
-                srb = retry.popleft()
+                issue(lq, retry.popleft())
             elif waiting:
-                srb = waiting.popleft()
+                issue(lq, waiting.popleft())
             else:
                 break
-            active[srb] = epoch
-            lq.outstanding += 1
-            if lq.outstanding > lq.peak_outstanding:
-                lq.peak_outstanding = lq.outstanding
-            self.outstanding += 1
-            if self.outstanding > self.peak_outstanding:
-                self.peak_outstanding = self.outstanding
-            if limit is not None and self.outstanding >= limit:
-                self._blocked |= _LIMIT
-            try:
-                if build_io is None or build_io(srb):
-                    start_io(srb)
-            except Exception:
-                log.exception("miniport_start_failed", srb=repr(srb))
-                if srb in active:
-                    srb.complete(SrbStatus.ERROR)
-                    self._complete(srb)
         if (retry or waiting) and self._blocked and not lq.blocked and not lq.in_run \
                 and lq.outstanding < lq.queue_depth:
             # Only the adapter stops this unit: keep its turn for when the adapter is ready.

@@ -370,13 +370,8 @@ class EmulatedDiskController:
             self._executing[srb] = lu
             executor.submit(self._dma, srb, lu)
             return
-        try:
-            lu.execute(srb)
-        except Exception:
-            log.exception("lu_execute_failed", srb=repr(srb))
-            srb.complete(SrbStatus.ERROR)
-        self._ring.append(srb)  # post, written out
-        self._irq()
+        self._execute(srb, lu)
+        self.post(srb)
 
     def _dma(self, srb: Srb, lu: LogicalUnit) -> None:
         self._execute(srb, lu)

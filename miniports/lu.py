@@ -657,6 +657,12 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         ``transfers``: the block count is a data transfer, bounded by the Block Limits page's
         MAXIMUM TRANSFER LENGTH (not so for SYNCHRONIZE CACHE or a VERIFY without BYTCHK).
         """
+        if (srb.cdb_decoded and not cdb[1] & 0xE0 and srb.transfer_blocks <= self._max_transfer
+                and not self._stopped):
+            # The per-I/O case, every check passed at once: decoded by the port already, no
+            # xxPROTECT bits (or, for the 6-byte forms, none of the LBA bits sharing that
+            # byte), a length within limits, a started unit.
+            return True
         if not srb.cdb_decoded:
             error = decode_into(srb)
             if error is not None:
@@ -680,15 +686,11 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
         return lba >= nb or blocks > nb - lba
 
     def _read(self, srb: Srb, cdb: bytes) -> None:
-        # The per-I/O command: the prologue's checks are made inline when all pass (an
-        # xxPROTECT field of zero, a decoded CDB, a length within limits, a started unit).
-        if (not srb.cdb_decoded or cdb[1] & 0xE0 or srb.transfer_blocks > self._max_transfer
-                or self._stopped) and not self._block_prologue(srb, cdb, cdb[0] != Op.READ_6):
+        if not self._block_prologue(srb, cdb, cdb[0] != Op.READ_6):
             return
         lba = srb.lba
         blocks = srb.transfer_blocks
-        nb = self._num_blocks
-        if lba >= nb or blocks > nb - lba:
+        if self._out_of_range(lba, blocks):
             self._fail(srb, S.LBA_OUT_OF_RANGE)
             return
         bs = self._block_size
@@ -702,17 +704,11 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
             except OSError:
                 self._fail(srb, S.UNRECOVERED_READ_ERROR, information=lba)
                 return
-        srb.residual = edtl - wanted  # _good, written out
-        srb.data_transfer_length = moved
-        srb.scsi_status = _GOOD
-        srb.srb_status = _SUCCESS
-        srb.sense = b""
+        self._good(srb, moved, wanted)
 
     def _write(self, srb: Srb, cdb: bytes) -> None:
         op = cdb[0]
-        # As in _read: the prologue only when one of its checks could fail.
-        if (not srb.cdb_decoded or cdb[1] & 0xE0 or srb.transfer_blocks > self._max_transfer
-                or self._stopped) and not self._block_prologue(srb, cdb, op != Op.WRITE_6):
+        if not self._block_prologue(srb, cdb, op != Op.WRITE_6):
             return
         verify = op in _WRITE_VERIFY
         if verify and cdb[1] & 0x04:
@@ -724,8 +720,7 @@ class LogicalUnit(ReservationsMixin, ProvisioningMixin, CopyMixin):
             return
         lba = srb.lba
         blocks = srb.transfer_blocks
-        nb = self._num_blocks
-        if lba >= nb or blocks > nb - lba:
+        if self._out_of_range(lba, blocks):
             self._fail(srb, S.LBA_OUT_OF_RANGE)
             return
         bs = self._block_size

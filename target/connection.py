@@ -69,7 +69,6 @@ IMMEDIATE_TASKS_MAX: Final = 16
 # Per-I/O constants as plain ints and prebuilt members: an enum attribute lookup, an enum
 # constructor call or an IntFlag ``&`` costs 0.1-0.8 us each, several times per command.
 _OP_SCSI_COMMAND: Final = int(P.Opcode.SCSI_COMMAND)
-_OP_DATA_OUT: Final = int(P.Opcode.DATA_OUT)
 _OP_DATA_IN: Final = int(P.Opcode.DATA_IN)
 _OP_SCSI_RESPONSE: Final = int(P.Opcode.SCSI_RESPONSE)
 _DATAIN_FINAL_STATUS: Final = 0x80 | P.DATAIN_STATUS
@@ -241,7 +240,9 @@ class Session:
     def update_max_cmdsn(self) -> None:
         # The initiator never lowers its MaxCmdSN, so ours only moves forward.
         candidate = (self.exp_cmdsn - 1 + max(0, self.window - self.active)) & ALL_ONES
-        if P.serial_lt(self.max_cmdsn, candidate):
+        current = self.max_cmdsn
+        # P.serial_lt(current, candidate), written out: this runs for every command.
+        if candidate != current and ((candidate - current) & ALL_ONES) < 0x80000000:
             self.max_cmdsn = candidate
 
     @property
@@ -612,7 +613,7 @@ class Connection:
                 pieces = [data]
             pad = -dlen & 3
             if pad:
-                out.append(b"\0" * pad)
+                out.append(_PADS[pad])
             if self.data_digest:
                 out.append(P.digest_bytes(P.data_digest(pieces, dlen)))
         self.pdus_out += 1
@@ -987,7 +988,7 @@ class Connection:
         self.data_digest = params.data_digest
         self.max_send_dsl = params.max_recv_data_segment_length
         self.max_recv_dsl = params.target_max_recv_data_segment_length
-        # Reads up to this size go out as one Data-In carrying the status.
+        # Reads up to this size go out as one Data-In (carrying the status when there is no sense).
         self._one_pdu = min(params.max_recv_data_segment_length, params.max_burst_length)
         self._negotiator = None
 
@@ -1102,38 +1103,12 @@ class Connection:
         if wait:
             task.deferred = True
             session.deferred.append(task)
-        if task.write:
-            if dlen == edtl and not wait:
-                # Every byte came with the command (immediate data): _keep, _launch and
-                # _submit, written out.
-                assert data is not None
-                if data.obj is self._buf:
-                    self._lent_bytes += dlen
-                task.received = dlen
-                task.reserved = need
-                session.reserved += need
-                srb.sg_list = [data]
-                task.submitted = True
-                session.bytes_written += edtl
-                session.execute(srb)
-                return
-            if dlen:
-                assert data is not None
-                task.received = dlen
-                task.parts.append((0, self._keep(session, task, data)))
-            if not wait:
-                self._launch(task)
-        elif not wait:
-            # _launch and _submit for a command that moves no data out, written out.
-            if need:
-                task.reserved = need
-                session.reserved += need
-                if read:
-                    buf = self._read_buffer(need)
-                    task.read_buf = buf
-                    srb.sg_list = [memoryview(buf)]
-            task.submitted = True
-            session.execute(srb)
+        if dlen and task.write:
+            assert data is not None
+            task.received = dlen
+            task.parts.append((0, self._keep(session, task, data)))
+        if not wait:
+            self._launch(task)
 
     def _keep(self, session: Session, task: Task, data: memoryview) -> memoryview:
         """Write data a task holds until it runs: a waiting task keeps a counted copy (so it
@@ -1198,13 +1173,15 @@ class Connection:
             return
         if task.write:
             parts = task.parts
-            if len(parts) > 1 and any(parts[i][0] > parts[i + 1][0] for i in range(len(parts) - 1)):
-                parts.sort(key=lambda p: p[0])
-            srb.sg_list = [mv for _, mv in parts]
+            if len(parts) == 1:  # all of it as immediate data, or one Data-Out burst
+                srb.sg_list = [parts[0][1]]
+            else:
+                if any(parts[i][0] > parts[i + 1][0] for i in range(len(parts) - 1)):
+                    parts.sort(key=lambda p: p[0])
+                srb.sg_list = [mv for _, mv in parts]
             task.parts = []
-        task.submitted = True
-        if task.write:
             session.bytes_written += task.edtl
+        task.submitted = True
         session.execute(srb)
 
     def _read_buffer(self, size: int) -> bytearray:
@@ -1237,85 +1214,15 @@ class Connection:
         session = self.session
         if session is None:
             return
-        itt = srb.queue_tag
-        tasks = session.tasks
-        task = tasks.get(itt)
+        task = session.tasks.get(srb.queue_tag)
         if task is None or task.srb is not srb or task.aborted:
             return
         if srb.srb_status == _SRB_ABORTED:
             self._finish_task(task)
             return
-        buf = task.read_buf
-        if srb.sense:
-            self._send_scsi_result(task, srb)
-            self._finish_task(task)
-            self._flush_hint()
-            return
-        # The per-I/O answer, written out: a read whose data fits one Data-In (which carries
-        # the status), or a SCSI Response for a write or a command without data; no sense.
-        moved = srb.data_transfer_length if srb.data_direction == _DIR_IN else 0
-        if moved > self._one_pdu or (moved and buf is None):
-            self._send_scsi_result(task, srb)
-            self._finish_task(task)
-            self._flush_hint()
-            return
-        residual = srb.residual
-        if not task.immediate and task.cmdsn >= 0:
-            # _retire: the window slot is free before the status goes out.
-            task.cmdsn = -1
-            session.active -= 1
-            max_cmdsn = session.max_cmdsn
-            candidate = (session.exp_cmdsn - 1 + max(0, session.window - session.active)) \
-                & ALL_ONES
-            if candidate != max_cmdsn and ((candidate - max_cmdsn) & ALL_ONES) < 0x80000000:
-                session.max_cmdsn = max_cmdsn = candidate
-        else:
-            max_cmdsn = session.max_cmdsn
-        stat_sn = self.stat_sn
-        self.stat_sn = (stat_sn + 1) & ALL_ONES
-        header = bytearray(48)
-        out = self._out
-        if moved:
-            flags = _DATAIN_FINAL_STATUS
-            if residual:
-                flags |= P.DATAIN_UNDERFLOW if residual > 0 else P.DATAIN_OVERFLOW
-            _bhs_pack(header, 0, _OP_DATA_IN, flags, 0, int(srb.scsi_status), moved, 0, itt,
-                      ALL_ONES, stat_sn, session.exp_cmdsn, max_cmdsn, 0, 0, abs(residual))
-            assert buf is not None
-            data = buf if moved == len(buf) else memoryview(buf)[:moved]
-            out.append(header)
-            if self.header_digest:
-                out.append(P.digest_bytes(_crc(header)))
-            out.append(data)
-            pad = -moved & 3
-            if pad:
-                out.append(_PADS[pad])
-            if self.data_digest:
-                out.append(P.digest_bytes(P.data_digest([data], moved)))
-            session.bytes_read += moved
-        else:
-            flags = 0x80
-            if residual:
-                flags |= P.RESP_UNDERFLOW if residual > 0 else P.RESP_OVERFLOW
-            _bhs_pack(header, 0, _OP_SCSI_RESPONSE, flags, 0, int(srb.scsi_status), 0, 0, itt,
-                      0, stat_sn, session.exp_cmdsn, max_cmdsn, 0, 0, abs(residual))
-            out.append(header)
-            if self.header_digest:
-                out.append(P.digest_bytes(_crc(header)))
-        self.pdus_out += 1
-        # _finish_task, written out.
-        del tasks[itt]
-        task.read_buf = None
-        if task.write:
-            task.parts = []
-        if task.reserved:
-            # Its data is in our output: the budget is freed when the adapter takes it.
-            self._unsent += task.reserved
-            task.reserved = 0
-        if task.held:
-            session.release(task)
-        if not self._in_receive and self.on_output is not None:
-            self.on_output()
+        self._send_scsi_result(task, srb)
+        self._finish_task(task)
+        self._flush_hint()
 
     def _send_scsi_result(self, task: Task, srb: Srb) -> None:
         status = int(srb.scsi_status)
@@ -1335,13 +1242,15 @@ class Connection:
             offset = 0
             pack = _bhs_pack
             itt = task.itt
+            one_pdu = moved <= self._one_pdu  # the usual read: one Data-In, with the status
             while offset < moved:
                 n = moved - offset
-                if n > mrdsl:
-                    n = mrdsl
-                burst_left = burst - (offset % burst)
-                if n > burst_left:
-                    n = burst_left
+                if not one_pdu:
+                    if n > mrdsl:
+                        n = mrdsl
+                    burst_left = burst - (offset % burst)
+                    if n > burst_left:
+                        n = burst_left
                 end = offset + n
                 last = end >= moved
                 header = bytearray(P.BHS_LEN)
@@ -1375,7 +1284,7 @@ class Connection:
         elif residual < 0:
             flags |= P.RESP_OVERFLOW
         body = len(sense).to_bytes(2, "big") + sense if sense else b""
-        _bhs_pack(header, 0, P.Opcode.SCSI_RESPONSE, flags, P.ScsiResponse.COMMAND_COMPLETED,
+        _bhs_pack(header, 0, _OP_SCSI_RESPONSE, flags, P.ScsiResponse.COMMAND_COMPLETED,
                   status, len(body), 0, task.itt, 0, self._next_stat_sn(), session.exp_cmdsn,
                   session.max_cmdsn, datasn, 0, abs(residual))
         self._emit(header, body, len(body))
@@ -1408,10 +1317,12 @@ class Connection:
         session = self.session
         if session is None:
             return
-        self._retire(task)
+        if task.cmdsn >= 0:
+            self._retire(task)  # not answered (aborted, a dropped PDU): its slot is free now
         if session.tasks.get(task.itt) is task:
             del session.tasks[task.itt]
-        task.parts = []
+        if task.parts:
+            task.parts = []
         task.read_buf = None
         if task.reserved and self._out:
             # Its data is in our output: the budget is freed when the adapter takes it.
