@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import IntEnum, IntFlag
-from typing import Any
+from typing import Any, Final
 
 
 class SrbFunction(IntEnum):
@@ -97,6 +97,12 @@ class CdbFlags(IntFlag):
     IMMED = 8
 
 
+# Members looked up once: reading an enum class's attribute goes through EnumType.__getattr__'s
+# slot, several times dearer than a global, and every Srb starts with these.
+_NO_FLAGS: Final = CdbFlags.NONE
+_PENDING: Final = SrbStatus.PENDING
+_GOOD: Final = ScsiStatus.GOOD
+
 # The per-I/O completion hook the submitter installs; called exactly once per Srb.
 SrbCompletion = Callable[["Srb"], None]
 
@@ -172,13 +178,13 @@ class Srb:
         self.opcode = cdb[0] if cdb else 0
         self.lba = 0
         self.transfer_blocks = 0
-        self.cdb_flags = CdbFlags.NONE
+        self.cdb_flags = _NO_FLAGS
         # Set by decode_into once the fields above hold the decoded CDB: the port decodes
         # every command, and a logical unit below it need not decode it again.
         self.cdb_decoded = False
         # Outcome.
-        self.srb_status = SrbStatus.PENDING
-        self.scsi_status = ScsiStatus.GOOD
+        self.srb_status = _PENDING
+        self.scsi_status = _GOOD
         self.sense: bytes = b""
         # Positive: underrun (fewer bytes moved than expected); negative: overrun.
         self.residual = 0

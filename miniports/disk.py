@@ -7,7 +7,9 @@ with the Storport queue controls instead of failing, and reports what the ring h
 interrupt routine.
 
 Threads: everything runs on the event loop except ``LogicalUnit.execute`` for blocking stores
-(or for every command, with ``threaded_completions``), which runs on the DMA workers. A worker
+(or for every command, with ``threaded_completions``), which runs on the DMA workers; a READ the
+page cache can answer (``LogicalUnit.execute_cached``, preadv with RWF_NOWAIT) is served on the
+loop instead, since the hand-off costs more than the copy. A worker
 appends to the completion ring (a deque, safe to append from any thread) and raises the
 interrupt line; the port may run the interrupt routine right there on the worker, under its
 interrupt lock. So what the interrupt routine shares with the start path is kept safe without a
@@ -329,7 +331,7 @@ class EmulatedDiskController:
                          else SrbStatus.SELECTION_TIMEOUT)
             self.post(srb)
             return True
-        if srb.function != SrbFunction.EXECUTE_SCSI:
+        if srb.function != _EXECUTE:
             self._flush_unit(srb, address)
             return True
         if not self.link_up:
@@ -367,6 +369,9 @@ class EmulatedDiskController:
             self._waiting.pop(srb, None)
         executor = self._executor
         if executor is not None and (self.threaded_completions or lu.needs_blocking_io(srb)):
+            if not self.threaded_completions and self._cached(srb, lu):
+                self.post(srb)  # a read the page cache answered: no trip to a worker
+                return
             self._executing[srb] = lu
             executor.submit(self._dma, srb, lu)
             return
@@ -376,6 +381,14 @@ class EmulatedDiskController:
     def _dma(self, srb: Srb, lu: LogicalUnit) -> None:
         self._execute(srb, lu)
         self.post(srb)
+
+    @staticmethod
+    def _cached(srb: Srb, lu: LogicalUnit) -> bool:
+        try:
+            return lu.execute_cached(srb)
+        except Exception:
+            log.exception("lu_execute_cached_failed", srb=repr(srb))
+            return False  # the worker runs it the usual way
 
     @staticmethod
     def _execute(srb: Srb, lu: LogicalUnit) -> None:

@@ -63,6 +63,8 @@ _libc.fstatfs.restype = ctypes.c_int
 # copies that never wait for a device.
 _MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # tmpfs, ramfs
 _MADV_POPULATE_READ = 22
+# preadv2 flag: fail with EAGAIN instead of waiting for the device (0 where unknown).
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 # Stores up to this size are populated at once; larger ones by a thread, in steps of the same.
 _POPULATE_STEP = 64 << 20
 
@@ -103,6 +105,12 @@ class BlockStore(ABC):
 
         Copies less than ``length`` only when the buffers hold less.
         """
+
+    def read_cached(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int | None:
+        """``read_into``, but only when all the data is in memory already: None (and ``bufs``
+        left in any state) when getting it would wait for a device. A store that cannot tell
+        says None; one that never blocks just reads."""
+        return None if self.blocking else self.read_into(offset, length, bufs)
 
     @abstractmethod
     def write_from(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
@@ -370,6 +378,9 @@ class FileStore(BlockStore):
         # worker thread (a hand-off that costs more than the copy: 3x the IOPS measured).
         if _memory_filesystem(fd):
             self.blocking = False
+        # Reads the page cache can answer are served in line too (read_cached); tmpfs, the
+        # one case above, refuses RWF_NOWAIT, and so may an old kernel: then never again.
+        self._nowait = _RWF_NOWAIT != 0
 
     @property
     def fd(self) -> int:
@@ -396,6 +407,30 @@ class FileStore(BlockStore):
             total += got
             iov = iov[len(chunk) :] if got == want else _advance(iov, got)
         return total
+
+    def read_cached(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int | None:
+        """One preadv with RWF_NOWAIT: the kernel copies from the page cache, or refuses
+        (EAGAIN) rather than start device I/O. Partly cached counts as not cached."""
+        if not self.blocking:
+            return self.read_into(offset, length, bufs)
+        if not self._nowait or offset < 0 or length < 0 or offset + length > self.capacity:
+            return None
+        if len(bufs) == 1 and bufs[0].nbytes == length:
+            iov: list[memoryview] = [bufs[0]]
+        else:
+            iov = _trim(bufs, length)
+            if len(iov) > _IOV_MAX:
+                return None
+        try:
+            got = os.preadv(self._fd, iov, offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False  # this filesystem or device cannot say: always the worker
+            return None
+        return got if got == length else None
 
     def write_from(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
         if self.read_only:

@@ -30,7 +30,15 @@ from typing import Any, Final
 
 import structlog
 
-from emuhba.srb import DataDirection, QueueAction, ScsiStatus, Srb, SrbStatus
+from emuhba.srb import (
+    DataDirection,
+    QueueAction,
+    ScsiStatus,
+    Srb,
+    SrbCompletion,
+    SrbFunction,
+    SrbStatus,
+)
 from target import pdu as P
 from target.auth import Authenticator, NoAuthenticator
 from target.chap import ChapAuthenticator
@@ -71,6 +79,7 @@ IMMEDIATE_TASKS_MAX: Final = 16
 _OP_SCSI_COMMAND: Final = int(P.Opcode.SCSI_COMMAND)
 _OP_DATA_IN: Final = int(P.Opcode.DATA_IN)
 _OP_SCSI_RESPONSE: Final = int(P.Opcode.SCSI_RESPONSE)
+_COMMAND_COMPLETED: Final = int(P.ScsiResponse.COMMAND_COMPLETED)
 _DATAIN_FINAL_STATUS: Final = 0x80 | P.DATAIN_STATUS
 _DIR_IN: Final = DataDirection.IN
 _DIR_OUT: Final = DataDirection.OUT
@@ -78,6 +87,8 @@ _DIR_NONE: Final = DataDirection.NONE
 _QUEUE_ACTIONS: Final = tuple(QueueAction(i) for i in range(5))
 _SIMPLE: Final = QueueAction.SIMPLE
 _SRB_ABORTED: Final = SrbStatus.ABORTED
+_EXECUTE_SCSI: Final = SrbFunction.EXECUTE_SCSI
+_srb_init: Final = Srb.__init__
 _PADS: Final = (b"", b"\0", b"\0\0", b"\0\0\0")
 # Text Request continuations (C bit) gathered into one request, at most.
 TEXT_REQUEST_MAX: Final = 64 * 1024
@@ -105,8 +116,14 @@ class ProtocolViolation(Exception):
     """The peer broke the protocol badly enough that the connection must go."""
 
 
-class Task:
-    """One SCSI command of a session, from acceptance to its response."""
+class Task(Srb):
+    """One SCSI command of a session, from acceptance to its response.
+
+    A task is its command's Srb as well, the way SPDK's iscsi_task embeds its scsi_task: one
+    object per command instead of two, and the request the port hands back on completion is
+    the task itself. The front end owns the fields below; the Srb's belong to the layers under
+    it as usual. ``lun`` is the Srb's: the decoded LUN, or 0xFFFF for a LUN field of a form
+    this target does not serve (an address no unit answers at)."""
 
     __slots__ = (
         "aborted",
@@ -118,7 +135,6 @@ class Task:
         "held",
         "immediate",
         "itt",
-        "lun",
         "lun_field",
         "next_r2t_offset",
         "parts",
@@ -127,23 +143,26 @@ class Task:
         "read_buf",
         "received",
         "reserved",
-        "srb",
         "submitted",
         "unsol_datasn",
         "unsolicited_end",
         "write",
     )
 
-    def __init__(self, conn: Connection, itt: int, lun: int, lun_field: int, cmdsn: int,
-                 edtl: int, immediate: bool) -> None:
+    def __init__(self, conn: Connection, itt: int, lun_field: int, cmdsn: int, edtl: int,
+                 immediate: bool, path_id: int, target_id: int, lun: int, cdb: bytes,
+                 direction: DataDirection, queue_action: QueueAction, nexus: int) -> None:
+        # Positional, through a plain function: a class call with keywords costs three times
+        # as much as the field stores themselves.
+        _srb_init(self, _EXECUTE_SCSI, path_id, target_id, lun, cdb, direction,
+                  edtl if direction is not _DIR_NONE else 0, None, itt, queue_action, nexus,
+                  conn._scsi_done)
         self.conn = conn
         self.itt = itt
-        self.lun = lun
         self.lun_field = lun_field
         self.cmdsn = cmdsn
         self.edtl = edtl
         self.immediate = immediate
-        self.srb: Srb | None = None
         self.read_buf: bytearray | None = None
         self.write = False
         self.parts: list[tuple[int, memoryview]] = []
@@ -168,8 +187,7 @@ class Task:
     def need(self) -> int:
         """Bytes of the session's buffer budget this task takes once started: its EDTL when
         it moves data."""
-        srb = self.srb
-        return self.edtl if srb is not None and srb.data_transfer_length else 0
+        return self.edtl if self.data_direction is not _DIR_NONE else 0
 
 
 def _no_backend(srb: Srb) -> None:
@@ -239,7 +257,8 @@ class Session:
 
     def update_max_cmdsn(self) -> None:
         # The initiator never lowers its MaxCmdSN, so ours only moves forward.
-        candidate = (self.exp_cmdsn - 1 + max(0, self.window - self.active)) & ALL_ONES
+        free = self.window - self.active
+        candidate = (self.exp_cmdsn - 1 + (free if free > 0 else 0)) & ALL_ONES
         current = self.max_cmdsn
         # P.serial_lt(current, candidate), written out: this runs for every command.
         if candidate != current and ((candidate - current) & ALL_ONES) < 0x80000000:
@@ -371,7 +390,9 @@ class Connection:
         self._ping_ttt = ALL_ONES
         self._ping_deadline = 0.0
         self._ttt_counter = itertools.count(1)
-        self._scsi_done = self._on_scsi_complete
+        # The port completes the Srb it was given, and every Srb this connection submits is a
+        # Task: the callback takes it as one. Bound once, not per command.
+        self._scsi_done: SrbCompletion = self._on_scsi_complete  # type: ignore[assignment]
         # Counters (cheap ints; exported by the metrics work).
         self.pdus_in = 0
         self.pdus_out = 0
@@ -1024,7 +1045,6 @@ class Connection:
             return
         node = session.node
         assert node is not None
-        flags = w[1]
         itt = w[6]
         edtl = w[7]
         if itt == ALL_ONES or itt in session.tasks:
@@ -1043,19 +1063,23 @@ class Connection:
             lun = P.decode_lun(lun_field)
             if len(self._luns) < 64:
                 self._luns[lun_field] = lun
-        if immediate and len(session.tasks) >= session.window + IMMEDIATE_TASKS_MAX:
+        flags = w[1]
+        read = flags & 0x40 != 0  # R
+        write = flags & 0x20 != 0  # W
+        attr = flags & 0x07
+        task = Task(self, itt, w[5], w[8], edtl, immediate, node.path_id, node.target_id,
+                    lun if lun >= 0 else 0xFFFF, cdb,
+                    _DIR_IN if read else (_DIR_OUT if write else _DIR_NONE),
+                    _QUEUE_ACTIONS[attr] if attr <= 4 else _SIMPLE, session.nexus)
+        session.tasks[itt] = task
+        if immediate and len(session.tasks) > session.window + IMMEDIATE_TASKS_MAX:
             # Immediate commands bypass the CmdSN window; this bounds how many a session holds.
-            task = Task(self, itt, lun, w[5], -1, edtl, immediate)
-            session.tasks[itt] = task
+            task.cmdsn = -1
             self._respond_status(task, ScsiStatus.TASK_SET_FULL, b"")
             return
-        task = Task(self, itt, lun, w[5], w[8], edtl, immediate)
-        session.tasks[itt] = task
         session.commands += 1
         if not immediate:
             session.active += 1
-        read = flags & 0x40 != 0  # R
-        write = flags & 0x20 != 0  # W
         dlen = len(data) if data is not None else 0
         if dlen and not write:
             self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
@@ -1067,19 +1091,6 @@ class Connection:
         if edtl > self.settings.max_transfer_bytes:
             self._respond_check(task, _SENSE_TOO_LONG)
             return
-        attr = flags & 0x07
-        srb = Srb(
-            path_id=node.path_id, target_id=node.target_id,
-            lun=lun if lun >= 0 else 0xFFFF,
-            cdb=cdb,
-            data_direction=_DIR_IN if read else (_DIR_OUT if write else _DIR_NONE),
-            data_transfer_length=edtl if (read or write) else 0,
-            queue_tag=itt,
-            queue_action=_QUEUE_ACTIONS[attr] if attr <= 4 else _SIMPLE,
-            nexus=session.nexus,
-            completion=self._scsi_done,
-        )
-        task.srb = srb
         if write and edtl:
             task.write = True
             params = session.params
@@ -1125,9 +1136,7 @@ class Connection:
         session = self.session
         assert session is not None
         task.deferred = False
-        srb = task.srb
-        assert srb is not None
-        edtl = task.need
+        edtl = task.edtl if task.data_direction is not _DIR_NONE else 0  # task.need
         if edtl:
             task.reserved = edtl
             session.reserved += edtl
@@ -1141,10 +1150,10 @@ class Connection:
             else:
                 self._send_r2ts(task)
             return
-        if edtl and srb.data_direction == _DIR_IN:
+        if edtl and task.data_direction is _DIR_IN:
             buf = self._read_buffer(edtl)
             task.read_buf = buf
-            srb.sg_list = [memoryview(buf)]
+            task.sg_list = [memoryview(buf)]
         self._submit(task)
 
     @staticmethod
@@ -1164,8 +1173,6 @@ class Connection:
         return extended
 
     def _submit(self, task: Task) -> None:
-        srb = task.srb
-        assert srb is not None
         session = self.session
         assert session is not None and session.node is not None
         if task.data_fault is not None:
@@ -1174,15 +1181,15 @@ class Connection:
         if task.write:
             parts = task.parts
             if len(parts) == 1:  # all of it as immediate data, or one Data-Out burst
-                srb.sg_list = [parts[0][1]]
+                task.sg_list = [parts[0][1]]
             else:
                 if any(parts[i][0] > parts[i + 1][0] for i in range(len(parts) - 1)):
                     parts.sort(key=lambda p: p[0])
-                srb.sg_list = [mv for _, mv in parts]
+                task.sg_list = [mv for _, mv in parts]
             task.parts = []
             session.bytes_written += task.edtl
         task.submitted = True
-        session.execute(srb)
+        session.execute(task)
 
     def _read_buffer(self, size: int) -> bytearray:
         """A buffer for a read's data. Large ones come from a small per-connection pool: a
@@ -1210,25 +1217,24 @@ class Connection:
             return buf
         return bytearray(size)
 
-    def _on_scsi_complete(self, srb: Srb) -> None:
+    def _on_scsi_complete(self, task: Task) -> None:
+        """The completion of every Task this connection submits (the port calls it with the
+        Srb it was given, which is the task)."""
         session = self.session
-        if session is None:
+        if session is None or task.aborted or session.tasks.get(task.itt) is not task:
             return
-        task = session.tasks.get(srb.queue_tag)
-        if task is None or task.srb is not srb or task.aborted:
-            return
-        if srb.srb_status == _SRB_ABORTED:
+        if task.srb_status == _SRB_ABORTED:
             self._finish_task(task)
             return
-        self._send_scsi_result(task, srb)
+        self._send_scsi_result(task)
         self._finish_task(task)
         self._flush_hint()
 
-    def _send_scsi_result(self, task: Task, srb: Srb) -> None:
-        status = int(srb.scsi_status)
-        sense = srb.sense
-        residual = srb.residual
-        moved = srb.data_transfer_length if srb.data_direction == _DIR_IN else 0
+    def _send_scsi_result(self, task: Task) -> None:
+        status = task.scsi_status  # an IntEnum: struct takes it as the int it is
+        sense = task.sense
+        residual = task.residual
+        moved = task.data_transfer_length if task.data_direction is _DIR_IN else 0
         buf = task.read_buf
         session = self.session
         assert session is not None
@@ -1284,7 +1290,7 @@ class Connection:
         elif residual < 0:
             flags |= P.RESP_OVERFLOW
         body = len(sense).to_bytes(2, "big") + sense if sense else b""
-        _bhs_pack(header, 0, _OP_SCSI_RESPONSE, flags, P.ScsiResponse.COMMAND_COMPLETED,
+        _bhs_pack(header, 0, _OP_SCSI_RESPONSE, flags, _COMMAND_COMPLETED,
                   status, len(body), 0, task.itt, 0, self._next_stat_sn(), session.exp_cmdsn,
                   session.max_cmdsn, datasn, 0, abs(residual))
         self._emit(header, body, len(body))
@@ -1294,13 +1300,12 @@ class Connection:
         self._respond_status(task, ScsiStatus.CHECK_CONDITION, sense)
 
     def _respond_status(self, task: Task, status: ScsiStatus, sense: bytes) -> None:
-        srb = task.srb or Srb(queue_tag=task.itt)
-        srb.scsi_status = status
-        srb.sense = sense
-        srb.residual = task.edtl
-        srb.data_transfer_length = 0
+        task.scsi_status = status
+        task.sense = sense
+        task.residual = task.edtl
+        task.data_transfer_length = 0
         task.read_buf = None
-        self._send_scsi_result(task, srb)
+        self._send_scsi_result(task)
         self._finish_task(task)
         self._flush_hint()
 
@@ -1535,7 +1540,7 @@ class Connection:
             respond(P.TmfResponse.FUNCTION_NOT_SUPPORTED)
 
     def _abort_task(self, session: Session, task: Task, done: Callable[[bool], None]) -> None:
-        if not task.submitted or task.srb is None:
+        if not task.submitted:
             self._abort_local(session, task)
             done(True)
             return
@@ -1547,7 +1552,7 @@ class Connection:
             self._abort_local(session, task)
             done(ok)
 
-        node.backend.abort_task(task.srb, aborted)
+        node.backend.abort_task(task, aborted)
 
     def _abort_all_on(self, node: TargetNode, lun: int | None) -> None:
         """Mark every session's tasks on ``lun`` (or the whole target) aborted before a reset."""

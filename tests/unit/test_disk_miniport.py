@@ -21,6 +21,7 @@ from emuhba.srb import DataDirection, ScsiStatus, Srb, SrbFunction, SrbStatus
 from miniports.disk import DiskMiniport, EmulatedDiskController, build_units, unit_serial
 from miniports.lu import LogicalUnit
 from miniports.store import RamStore
+from tests.pagecache import evict
 
 BS = 512
 
@@ -168,6 +169,70 @@ async def test_file_store_io_runs_on_dma_workers_and_round_trips(tmp_path: Path)
     with open(path, "rb") as f:
         f.seek(10 * BS)
         assert f.read(len(payload)) == payload
+
+
+async def test_reads_the_page_cache_holds_run_in_line_the_rest_on_workers(
+        tmp_path: Path) -> None:
+    """A READ whose data is cached is answered on the loop (preadv RWF_NOWAIT), without the
+    firmware's full path; one that would wait for the device, or that has a unit attention
+    to report, runs on a DMA worker as before."""
+    path = tmp_path / "disk.img"
+    mp = DiskMiniport.from_luns([("file", path, 1 << 20)], target_port_name="iqn.t,t,1")
+    port = await started(mp)
+    await prime(port)
+    seen: list[str] = []
+    unit = mp.controller.units[(0, 0, 0)]
+    original = unit.execute
+
+    def execute(srb: Srb) -> None:
+        seen.append(threading.current_thread().name)
+        original(srb)
+
+    unit.execute = execute  # type: ignore[method-assign]
+    done = Completions()
+    payload = bytes(range(256)) * 8
+    port.submit(rw_srb(write=True, lba=10, blocks=4, tag=1, done=done, data=payload))
+    await done.wait(1)
+    assert len(seen) == 1 and seen[0].startswith("emuhba-dma")
+    cached = rw_srb(lba=10, blocks=4, tag=2, done=done)
+    port.submit(cached)
+    await done.wait(2)
+    assert len(seen) == 1, "a cached read does not go to a worker"
+    assert cached.scsi_status == ScsiStatus.GOOD and bytes(cached.sg_list[0]) == payload
+    assert cached.residual == 0 and cached.data_transfer_length == len(payload)
+
+    # Cached, but a new nexus has its power-on unit attention to hear: the full path.
+    fresh = rw_srb(lba=10, blocks=4, tag=4, nexus=2, done=done)
+    port.submit(fresh)
+    await done.wait(3)
+    assert len(seen) == 2 and fresh.scsi_status == ScsiStatus.CHECK_CONDITION
+    assert fresh.sense[12:14] == bytes([0x29, 0x00])
+    # Out of range: the full path answers it, with its sense.
+    beyond = rw_srb(lba=(1 << 20) // BS, blocks=1, tag=5, done=done)
+    port.submit(beyond)
+    await done.wait(4)
+    assert len(seen) == 3 and beyond.sense[12:14] == bytes([0x21, 0x00])
+    # A read that would wait for the device goes to a worker.
+    tags = iter(range(100, 200))
+    completed = len(done.srbs)
+
+    for _ in range(20):  # the skip below comes last: it loses no other check
+        evict(path, 10 * BS, 4 * BS)
+        uncached = rw_srb(lba=10, blocks=4, tag=next(tags), done=done)
+        before = len(seen)
+        port.submit(uncached)
+        completed += 1
+        await done.wait(completed)
+        assert bytes(uncached.sg_list[0]) == payload
+        if len(seen) > before:
+            assert seen[-1].startswith("emuhba-dma")
+            break
+    else:
+        await port.stop()
+        pytest.skip("reads of evicted pages never had to wait on this device")
+
+    assert done.threads == {threading.get_ident()}
+    await port.stop()
 
 
 async def test_addresses_without_a_unit() -> None:

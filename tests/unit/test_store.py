@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from miniports.store import BlockStore, FileStore, RamStore
+from tests.pagecache import until_refused
 
 
 def views(*sizes: int, fill: int | None = None) -> list[memoryview]:
@@ -424,6 +425,40 @@ def test_file_store_on_tmpfs_does_its_io_in_line(tmp_path: Path) -> None:
         in_memory.close()
         on_disk.close()
         os.unlink(shm / f"emuhba-test-{os.getpid()}.img")
+
+
+def test_file_store_reads_from_the_page_cache_only_when_asked_not_to_wait(
+        tmp_path: Path) -> None:
+    """read_cached copies what the page cache holds and says None where the device would be
+    needed; a store that never blocks just reads, and a RAM store too."""
+    path = tmp_path / "disk.img"
+    store = FileStore(path, 1 << 20)
+    try:
+        assert store.blocking
+        store.write_from(8192, 4096, [memoryview(b"\x09" * 4096)])
+        buf = memoryview(bytearray(4096))
+        assert store.read_cached(8192, 4096, [buf]) == 4096 and bytes(buf) == b"\x09" * 4096
+        two = [memoryview(bytearray(1024)), memoryview(bytearray(3072))]
+        assert store.read_cached(8192, 4096, two) == 4096
+        assert bytes(two[0]) + bytes(two[1]) == b"\x09" * 4096
+        assert store.read_cached((1 << 20) - 512, 4096, [buf]) is None  # past the end
+
+        def read_after_eviction() -> bool:
+            buf[:] = bytes(4096)
+            got = store.read_cached(8192, 4096, [buf])
+            if got is not None:  # the device was quick: still the right data
+                assert got == 4096 and bytes(buf) == b"\x09" * 4096
+            return got is None
+
+        until_refused(path, 8192, 4096, read_after_eviction)
+        assert store.read_into(8192, 4096, [buf]) == 4096 and bytes(buf) == b"\x09" * 4096
+        assert store.read_cached(8192, 4096, [buf]) == 4096  # read_into brought it back
+    finally:
+        store.close()
+    ram = RamStore.of_size(1 << 20)
+    ram.write_from(0, 4096, [memoryview(b"\x03" * 4096)])
+    assert ram.read_cached(0, 4096, [buf]) == 4096 and bytes(buf) == b"\x03" * 4096
+    ram.close()
 
 
 def test_large_ram_store_reads_zeros_while_populating_and_closes_cleanly() -> None:
