@@ -58,7 +58,9 @@ log = structlog.get_logger("emuhba.iscsi")
 _bhs_unpack = P.BHS_GRID.unpack_from
 _bhs_pack = P.BHS_GRID.pack_into
 _getrefcount = sys.getrefcount
-_crc = P.crc32c
+_crc = P.crc32c_c
+_digest_bytes = P.DIGEST.pack
+_digest_at = P.DIGEST.unpack_from
 
 RECV_CHUNK: Final = 1 << 20
 MIN_FREE: Final = 64 * 1024
@@ -505,7 +507,7 @@ class Connection:
                     view = self._view
                 return
             if hdigest:
-                expect = P.digest_value(view[start + hdr_len - 4:start + hdr_len])
+                expect = _digest_at(view, start + hdr_len - 4)[0]
                 if _crc(view[start:start + hdr_len - 4]) != expect:
                     self.digest_errors += 1
                     # The length fields cannot be trusted: resynchronising is impossible.
@@ -516,7 +518,7 @@ class Connection:
                 data = view[dstart:dstart + dsl]
                 if ddigest:
                     padded = dsl + (-dsl & 3)
-                    expect = P.digest_value(view[dstart + padded:dstart + padded + 4])
+                    expect = _digest_at(view, dstart + padded)[0]
                     if _crc(view[dstart:dstart + padded]) != expect:
                         self.digest_errors += 1
                         self._start = start + total
@@ -624,19 +626,21 @@ class Connection:
         out = self._out
         out.append(header)
         if self.header_digest:
-            out.append(P.digest_bytes(_crc(header)))
+            out.append(_digest_bytes(_crc(header)))
         if dlen:
-            if isinstance(data, list):
+            pad = -dlen & 3
+            if data.__class__ is list:
                 out.extend(data)
-                pieces = data
+                if self.data_digest:
+                    crc = P.data_digest(data, dlen)
             else:
                 out.append(data)
-                pieces = [data]
-            pad = -dlen & 3
+                if self.data_digest:
+                    crc = _crc(data) if not pad else _crc(_PADS[pad], _crc(data))
             if pad:
                 out.append(_PADS[pad])
             if self.data_digest:
-                out.append(P.digest_bytes(P.data_digest(pieces, dlen)))
+                out.append(_digest_bytes(crc))
         self.pdus_out += 1
 
     def _next_stat_sn(self) -> int:

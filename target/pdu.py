@@ -9,7 +9,7 @@ word, an 8-byte LUN-or-ISID field and eight 32-bit words. Measured in bench/benc
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Final
 
@@ -275,6 +275,9 @@ BHS_GRID: Final = struct.Struct(">BBBBIQ8I")
 _pack_bhs = BHS_GRID.pack_into
 _unpack_bhs = BHS_GRID.unpack_from
 _U32LE: Final = struct.Struct("<I")
+# The digest codec as bound methods, for per-PDU callers: pack(crc) -> 4 bytes, and
+# unpack_from(buffer, offset) -> (crc,) without slicing the buffer first.
+DIGEST: Final = _U32LE
 
 DSL_MASK: Final = 0x00FFFFFF
 
@@ -286,6 +289,10 @@ def pad4(n: int) -> int:
 
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     return int(_crc32c.crc32c(data, value))
+
+
+# The C function itself, for per-PDU callers: crc32c() above adds a Python call to each digest.
+crc32c_c: Final[Callable[..., int]] = _crc32c.crc32c
 
 
 def digest_bytes(crc: int) -> bytes:

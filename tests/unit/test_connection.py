@@ -343,6 +343,18 @@ def test_digests_both_ways() -> None:
     assert read_data(pdus) == payload
 
 
+def test_data_digests_cover_the_padding_of_odd_lengths() -> None:
+    """A data segment whose length is not a multiple of four goes out padded, and its digest
+    covers the pad (the test initiator checks every digest it receives)."""
+    _backend, ini = logged_in(digests=True)
+    for n in (1, 2, 3, 5, 4099):
+        payload = os.urandom(n)
+        (resp,) = ini.nop(payload)
+        assert resp.opcode == P.Opcode.NOP_IN and resp.data == payload
+    _, pdus = ini.command(read10(0, 1), read=511)  # a Data-In of 511 bytes and an overflow
+    assert read_data(pdus) == bytes(511)
+
+
 def test_header_digest_error_drops_connection() -> None:
     _, ini = logged_in(digests=True)
     header = bhs(P.Opcode.NOP_OUT, 0x80, 0, 0, 0, 0, 5, 0xFFFFFFFF, ini.cmdsn, 0, immediate=True)
