@@ -410,7 +410,8 @@ class FileStore(BlockStore):
 
     def read_cached(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int | None:
         """One preadv with RWF_NOWAIT: the kernel copies from the page cache, or refuses
-        (EAGAIN) rather than start device I/O. Partly cached counts as not cached."""
+        (EAGAIN) rather than wait for the device; it starts readahead as it refuses, so the
+        worker's read that follows often finds the data. Partly cached counts as not cached."""
         if not self.blocking:
             return self.read_into(offset, length, bufs)
         if not self._nowait or offset < 0 or length < 0 or offset + length > self.capacity:
