@@ -141,45 +141,9 @@ async def test_latency_delays_completion_and_may_be_a_model() -> None:
     await port.stop()
 
 
-async def test_file_store_io_runs_on_dma_workers_and_round_trips(tmp_path: Path) -> None:
-    path = tmp_path / "disk.img"
-    mp = DiskMiniport.from_luns([("file", path, 1 << 20)], target_port_name="iqn.t,t,1")
-    port = await started(mp)
-    await prime(port)
-    seen: list[str] = []
-    unit = mp.controller.units[(0, 0, 0)]
-    original = unit.execute
-
-    def execute(srb: Srb) -> None:  # note where the firmware ran; the unit itself is real
-        seen.append(threading.current_thread().name)
-        original(srb)
-
-    unit.execute = execute  # type: ignore[method-assign]
-    done = Completions()
-    payload = bytes(range(256)) * 8
-    port.submit(rw_srb(write=True, lba=10, blocks=4, tag=1, done=done, data=payload))
-    await done.wait(1)
-    reader = rw_srb(lba=10, blocks=4, tag=2, done=done)
-    port.submit(reader)
-    await done.wait(2)
-    assert bytes(reader.sg_list[0]) == payload
-    assert seen and all(name.startswith("emuhba-dma") for name in seen)
-    assert done.threads == {threading.get_ident()}
-    await port.stop()
-    with open(path, "rb") as f:
-        f.seek(10 * BS)
-        assert f.read(len(payload)) == payload
-
-
-async def test_reads_the_page_cache_holds_run_in_line_the_rest_on_workers(
-        tmp_path: Path) -> None:
-    """A READ whose data is cached is answered on the loop (preadv RWF_NOWAIT), without the
-    firmware's full path; one that would wait for the device, or that has a unit attention
-    to report, runs on a DMA worker as before."""
-    path = tmp_path / "disk.img"
-    mp = DiskMiniport.from_luns([("file", path, 1 << 20)], target_port_name="iqn.t,t,1")
-    port = await started(mp)
-    await prime(port)
+def firmware_threads(mp: DiskMiniport) -> list[str]:
+    """The names of the threads LUN 0's firmware (``LogicalUnit.execute``) runs each command
+    on, as they happen; the unit itself stays real."""
     seen: list[str] = []
     unit = mp.controller.units[(0, 0, 0)]
     original = unit.execute
@@ -189,11 +153,27 @@ async def test_reads_the_page_cache_holds_run_in_line_the_rest_on_workers(
         original(srb)
 
     unit.execute = execute  # type: ignore[method-assign]
+    return seen
+
+
+async def test_file_store_io_runs_on_dma_workers_except_cached_reads(tmp_path: Path) -> None:
+    """Writes to a file LUN run on the DMA workers and land in the file. A READ whose data
+    is cached is answered on the loop (preadv RWF_NOWAIT), without the firmware's full path;
+    one that would wait for the device, or that has a unit attention to report, runs on a
+    worker. Completions always reach the port on the loop thread."""
+    path = tmp_path / "disk.img"
+    mp = DiskMiniport.from_luns([("file", path, 1 << 20)], target_port_name="iqn.t,t,1")
+    port = await started(mp)
+    await prime(port)
+    seen = firmware_threads(mp)
     done = Completions()
     payload = bytes(range(256)) * 8
     port.submit(rw_srb(write=True, lba=10, blocks=4, tag=1, done=done, data=payload))
     await done.wait(1)
     assert len(seen) == 1 and seen[0].startswith("emuhba-dma")
+    with open(path, "rb") as f:
+        f.seek(10 * BS)
+        assert f.read(len(payload)) == payload
     cached = rw_srb(lba=10, blocks=4, tag=2, done=done)
     port.submit(cached)
     await done.wait(2)
