@@ -653,6 +653,9 @@ class Probe:
         assert self.pid is not None
         rss = rss_kib(self.pid)
         luns = lun_resident_kib(self.pid, self.lun_bytes) if self.lun_bytes else 0
+        # This reading counts for the peak too: RSS may have grown since the last sample, and
+        # the peak beyond the LUNs must never exceed the peak itself.
+        self.peak = max(self.peak, rss)
         self.peak_beyond_luns = max(self.peak_beyond_luns, rss - luns)
 
     def __exit__(self, *exc: object) -> None:

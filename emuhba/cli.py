@@ -301,6 +301,13 @@ async def serve(args: argparse.Namespace, config: ServerConfig | None = None) ->
         for problem in exc.problems:
             log.error("cannot build the installation", problem=str(problem))
         return 2
+    # Signals are caught from here on: a SIGTERM that comes while the adapters start or the
+    # moment the portal accepts connections (when scripts take the server to be ready) stops
+    # it cleanly once it is up, instead of killing it half-way.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await installation.start()
     except Exception as exc:
@@ -345,10 +352,6 @@ async def serve(args: argparse.Namespace, config: ServerConfig | None = None) ->
             log.info("target ready", target=node.name, adapter=adapter.config.name,
                      controller=f"{adapter.controller.name} ({adapter.controller.kind})",
                      address=f"{node.path_id}:{node.target_id}", luns=node.luns())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
     await extras.close()

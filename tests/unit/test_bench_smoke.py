@@ -136,6 +136,30 @@ def test_probe_measures_this_process() -> None:
     assert 0.1 < probe.cpu < 5 and probe.peak > 1000
 
 
+def test_probe_peak_beyond_the_luns_never_exceeds_the_peak() -> None:
+    """The process grows while it is probed, up to and past the probe's end: every RSS
+    reading counts for the peak, so the figure less the LUNs cannot pass it."""
+    import threading
+
+    grown: list[bytearray] = []
+    stop = threading.Event()
+
+    def grow() -> None:
+        while not stop.is_set() and len(grown) < 400:
+            grown.append(bytearray(b"\x01" * (256 << 10)))  # written, so resident
+
+    for _ in range(3):
+        grower = threading.Thread(target=grow)
+        with bench.Probe(os.getpid(), interval=0.002) as probe:
+            grower.start()
+            time.sleep(0.05)
+        stop.set()
+        grower.join()
+        stop.clear()
+        grown.clear()
+        assert 0 < probe.peak_beyond_luns <= probe.peak
+
+
 def test_portal_urls() -> None:
     portal = bench.Portal("127.0.0.1", 3260, "iqn.2026-11.io.emuhba:target0", 1)
     assert portal.url() == "iscsi://127.0.0.1:3260/iqn.2026-11.io.emuhba:target0/1"
