@@ -275,8 +275,8 @@ BHS_GRID: Final = struct.Struct(">BBBBIQ8I")
 _pack_bhs = BHS_GRID.pack_into
 _unpack_bhs = BHS_GRID.unpack_from
 _U32LE: Final = struct.Struct("<I")
-# The digest codec as bound methods, for per-PDU callers: pack(crc) -> 4 bytes, and
-# unpack_from(buffer, offset) -> (crc,) without slicing the buffer first.
+# The digest codec, for per-PDU callers: DIGEST.pack(crc) -> the 4 bytes on the wire, and
+# DIGEST.unpack_from(buffer, offset) -> (crc,) without slicing the buffer first.
 DIGEST: Final = _U32LE
 
 DSL_MASK: Final = 0x00FFFFFF
