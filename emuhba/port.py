@@ -832,13 +832,7 @@ class PortDriver:
     def _issue(self, lq: LunQueue, srb: Srb) -> None:
         """Hand one request to the miniport: on the unit's books as active, then its build and
         start routines (a start that raises fails the request, not the port)."""
-        lq.active[srb] = self._epoch
-        lq.outstanding += 1
-        if lq.outstanding > lq.peak_outstanding:
-            lq.peak_outstanding = lq.outstanding
-        self.outstanding += 1
-        if self.outstanding > self.peak_outstanding:
-            self.peak_outstanding = self.outstanding
+        self._take(lq, srb, self._epoch)
         limit = self._limit
         if limit is not None and self.outstanding >= limit:
             self._blocked |= _LIMIT
@@ -851,6 +845,16 @@ class PortDriver:
             if srb in lq.active:
                 srb.complete(SrbStatus.ERROR)
                 self._complete(srb)
+
+    def _take(self, lq: LunQueue, srb: Srb, epoch: int) -> None:
+        """Put ``srb`` on its unit's books as active at the miniport (both port models)."""
+        lq.active[srb] = epoch
+        lq.outstanding += 1
+        if lq.outstanding > lq.peak_outstanding:
+            lq.peak_outstanding = lq.outstanding
+        self.outstanding += 1
+        if self.outstanding > self.peak_outstanding:
+            self.peak_outstanding = self.outstanding
 
     def _book(self, srb: Srb) -> LunQueue:
         """Take ``srb`` into the port's books (its unit, counters, submit time)."""
@@ -1882,13 +1886,7 @@ class ScsiPortDriver(PortDriver):
             self._dispatching = False
 
     def _start_one(self, lq: LunQueue, srb: Srb, epoch: int) -> None:
-        lq.active[srb] = epoch
-        lq.outstanding += 1
-        if lq.outstanding > lq.peak_outstanding:
-            lq.peak_outstanding = lq.outstanding
-        self.outstanding += 1
-        if self.outstanding > self.peak_outstanding:
-            self.peak_outstanding = self.outstanding
+        self._take(lq, srb, epoch)
         if srb.sg_list:
             self._sg_hidden[srb] = srb.sg_list
             srb.sg_list = []

@@ -138,6 +138,7 @@ class Task(Srb):
         "immediate",
         "itt",
         "lun_field",
+        "need",
         "next_r2t_offset",
         "parts",
         "r2t_outstanding",
@@ -154,11 +155,14 @@ class Task(Srb):
     def __init__(self, conn: Connection, itt: int, lun_field: int, cmdsn: int, edtl: int,
                  immediate: bool, path_id: int, target_id: int, lun: int, cdb: bytes,
                  direction: DataDirection, queue_action: QueueAction, nexus: int) -> None:
+        # Bytes of the session's buffer budget this task takes once started: its EDTL when
+        # it moves data (also what the Srb expects to move).
+        need = edtl if direction is not _DIR_NONE else 0
         # Positional, through a plain function: a class call with keywords costs three times
         # as much as the field stores themselves.
-        _srb_init(self, _EXECUTE_SCSI, path_id, target_id, lun, cdb, direction,
-                  edtl if direction is not _DIR_NONE else 0, None, itt, queue_action, nexus,
-                  conn._scsi_done)
+        _srb_init(self, _EXECUTE_SCSI, path_id, target_id, lun, cdb, direction, need, None,
+                  itt, queue_action, nexus, conn._scsi_done)
+        self.need = need
         self.conn = conn
         self.itt = itt
         self.lun_field = lun_field
@@ -184,12 +188,6 @@ class Task(Srb):
         self.reserved = 0
         # Sense to answer with once all data is in, when the data phase went wrong.
         self.data_fault: bytes | None = None
-
-    @property
-    def need(self) -> int:
-        """Bytes of the session's buffer budget this task takes once started: its EDTL when
-        it moves data."""
-        return self.edtl if self.data_direction is not _DIR_NONE else 0
 
 
 def _no_backend(srb: Srb) -> None:
@@ -1068,10 +1066,10 @@ class Connection:
             if len(self._luns) < 64:
                 self._luns[lun_field] = lun
         flags = w[1]
-        read = flags & 0x40 != 0  # R
-        write = flags & 0x20 != 0  # W
-        attr = flags & 0x07
-        task = Task(self, itt, w[5], w[8], edtl, immediate, node.path_id, node.target_id,
+        read = flags & P.CMD_READ != 0
+        write = flags & P.CMD_WRITE != 0
+        attr = flags & P.CMD_ATTR_MASK
+        task = Task(self, itt, lun_field, w[8], edtl, immediate, node.path_id, node.target_id,
                     lun if lun >= 0 else 0xFFFF, cdb,
                     _DIR_IN if read else (_DIR_OUT if write else _DIR_NONE),
                     _QUEUE_ACTIONS[attr] if attr <= 4 else _SIMPLE, session.nexus)
@@ -1110,11 +1108,7 @@ class Connection:
             task.next_r2t_offset = task.unsolicited_end
         # Wait when others already wait (order is kept), our peer is not reading, or the data
         # would not fit in the session's buffer budget.
-        # (Session.fits written out: this runs for every command.)
-        need = edtl if (read or write) else 0
-        reserved = session.reserved
-        wait = bool(session.deferred) or self.output_paused or not (
-            not need or not reserved or reserved + session.pinned + need <= session.budget)
+        wait = bool(session.deferred) or self.output_paused or not session.fits(task.need)
         if wait:
             task.deferred = True
             session.deferred.append(task)
@@ -1140,7 +1134,7 @@ class Connection:
         session = self.session
         assert session is not None
         task.deferred = False
-        edtl = task.edtl if task.data_direction is not _DIR_NONE else 0  # task.need
+        edtl = task.need
         if edtl:
             task.reserved = edtl
             session.reserved += edtl
@@ -1272,10 +1266,9 @@ class Connection:
                         flags |= P.DATAIN_OVERFLOW
                     self._retire(task)
                     exp_cmdsn, max_cmdsn = session.exp_cmdsn, session.max_cmdsn
-                    stat_sn = self.stat_sn
-                    self.stat_sn = (stat_sn + 1) & ALL_ONES
                     pack(header, 0, _OP_DATA_IN, flags, 0, status, n, 0, itt, ALL_ONES,
-                         stat_sn, exp_cmdsn, max_cmdsn, datasn, offset, abs(residual))
+                         self._next_stat_sn(), exp_cmdsn, max_cmdsn, datasn, offset,
+                         abs(residual))
                 else:
                     flags = 0x80 if (last or end % burst == 0) else 0
                     pack(header, 0, _OP_DATA_IN, flags, 0, 0, n, 0,
