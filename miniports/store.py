@@ -302,6 +302,8 @@ def _memory_filesystem(fd: int) -> bool:
 
 def _trim(bufs: Sequence[memoryview], length: int) -> list[memoryview]:
     """The leading buffers holding at most ``length`` bytes, the last one cut to fit."""
+    if len(bufs) == 1 and bufs[0].nbytes == length:
+        return [bufs[0]]  # the usual I/O: one buffer of exactly the length
     out: list[memoryview] = []
     remaining = length
     for buf in bufs:
@@ -388,10 +390,7 @@ class FileStore(BlockStore):
 
     def read_into(self, offset: int, length: int, bufs: Sequence[memoryview]) -> int:
         self._check_range(offset, length)
-        if len(bufs) == 1 and bufs[0].nbytes == length:
-            iov: list[memoryview] = [bufs[0]]
-        else:
-            iov = _trim(bufs, length)
+        iov = _trim(bufs, length)
         total = 0
         fd = self._fd
         while iov:
@@ -413,15 +412,12 @@ class FileStore(BlockStore):
         (EAGAIN) rather than wait for the device; it starts readahead as it refuses, so the
         worker's read that follows often finds the data. Partly cached counts as not cached."""
         if not self.blocking:
-            return self.read_into(offset, length, bufs)
+            return super().read_cached(offset, length, bufs)
         if not self._nowait or offset < 0 or length < 0 or offset + length > self.capacity:
             return None
-        if len(bufs) == 1 and bufs[0].nbytes == length:
-            iov: list[memoryview] = [bufs[0]]
-        else:
-            iov = _trim(bufs, length)
-            if len(iov) > _IOV_MAX:
-                return None
+        iov = _trim(bufs, length)
+        if len(iov) > _IOV_MAX:
+            return None
         try:
             got = os.preadv(self._fd, iov, offset, _RWF_NOWAIT)
         except BlockingIOError:
@@ -437,10 +433,7 @@ class FileStore(BlockStore):
         if self.read_only:
             raise PermissionError(f"{self.path} is open read-only")
         self._check_range(offset, length)
-        if len(bufs) == 1 and bufs[0].nbytes == length:
-            iov: list[memoryview] = [bufs[0]]
-        else:
-            iov = _trim(bufs, length)
+        iov = _trim(bufs, length)
         total = 0
         fd = self._fd
         while iov:
